@@ -1,0 +1,290 @@
+"""MemoryStore: circuits that live in one process, the state machine's rules in Python."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from breaker.state import BreakerConfig, CircuitBreakerOpenError, CircuitState, Outcome
+from breaker.store import StateView, Ticket, TransitionHook, build_snapshot
+
+CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
+
+Event = tuple[CircuitState, CircuitState, str, int]
+
+
+class _Shared:
+    """The state of one circuit, shared by every breaker of that name in the process."""
+
+    __slots__ = (
+        "created_wall", "failures", "fc", "gen", "half_open_failures", "half_open_successes",
+        "lock", "opened_at", "probes", "rejected", "sc", "secs", "since", "state", "successes",
+        "transitions",
+    )
+
+    def __init__(self, now: float) -> None:
+        self.lock = threading.Lock()
+        self.state = CLOSED
+        self.gen = 1
+        self.fc = 0
+        self.sc = 0
+        self.opened_at: float | None = None
+        self.since = now
+        self.probes: dict[int, float] = {}
+        self.successes = 0
+        self.failures = 0
+        self.rejected = 0
+        self.half_open_successes = 0
+        self.half_open_failures = 0
+        self.transitions: dict[str, int] = {}
+        self.secs = {CLOSED: 0.0, OPEN: 0.0, HALF_OPEN: 0.0}
+        self.created_wall = time.time()
+
+
+class MemoryStore:
+    """Keep circuits in this process; pass clock= for tests that step time by hand."""
+
+    kind = "memory"
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        if clock is not None and not callable(clock):
+            raise ValueError(f"clock must be a callable returning seconds, got {clock!r}")
+        self._clock = clock or time.monotonic
+        self._circuits: dict[str, _Shared] = {}
+        self._lock = threading.Lock()
+        self._leases = itertools.count(1)
+
+    def bind(
+        self,
+        name: str,
+        config: BreakerConfig,
+        on_transition: TransitionHook,
+        clock: Callable[[], float] | None = None,
+    ) -> MemoryCircuit:
+        """Return the circuit called name, created closed if new."""
+        clock = clock or self._clock
+        with self._lock:
+            shared = self._circuits.get(name)
+            if shared is None:
+                shared = self._circuits[name] = _Shared(clock())
+        return MemoryCircuit(name, config, shared, on_transition, clock, self._leases)
+
+    def names(self) -> list[str]:
+        """Return the names of every circuit in this process."""
+        with self._lock:
+            return sorted(self._circuits)
+
+
+class MemoryCircuit:
+    """One circuit of a MemoryStore as seen with one breaker's settings."""
+
+    __slots__ = ("_clock", "_config", "_leases", "_name", "_notify", "_s")
+
+    def __init__(
+        self,
+        name: str,
+        config: BreakerConfig,
+        shared: _Shared,
+        on_transition: TransitionHook,
+        clock: Callable[[], float],
+        leases: itertools.count[int],
+    ) -> None:
+        self._name = name
+        self._config = config
+        self._s = shared
+        self._notify = on_transition
+        self._clock = clock
+        self._leases = leases
+
+    def admit(self) -> Ticket:
+        """Admit a call or raise CircuitBreakerOpenError."""
+        s = self._s
+        with s.lock:
+            if s.state is CLOSED:
+                return (s.gen, 0)
+            events: list[Event] = []
+            now = self._clock()
+            self._expire_open(now, events)
+            ticket = self._admit_probe(now)
+            if ticket is None:
+                s.rejected += 1
+                error = CircuitBreakerOpenError(self._name, s.state, self._retry_after(now))
+        self._emit(events)
+        if ticket is None:
+            raise error
+        return ticket
+
+    def record(self, ticket: Ticket, outcome: Outcome) -> None:
+        """Report how an admitted call ended."""
+        gen, lease = ticket
+        s = self._s
+        with s.lock:
+            if lease:
+                s.probes.pop(lease, None)
+            if outcome is Outcome.SUCCESS and s.state is CLOSED and gen == s.gen:
+                s.successes += 1
+                s.fc = 0
+                return
+            if outcome is Outcome.IGNORED:
+                return
+            events: list[Event] = []
+            self._record(gen, outcome is Outcome.FAILURE, self._clock(), events)
+        self._emit(events)
+
+    def view(self) -> StateView:
+        """Return the current state, HALF_OPEN as soon as the timeout has run out."""
+        s = self._s
+        with s.lock:
+            now = self._clock()
+            state, fc, sc = s.state, s.fc, s.sc
+            if state is OPEN and self._timed_out(now):
+                state, fc, sc = HALF_OPEN, 0, 0
+            if state is OPEN:
+                retry = self._retry_after(now)
+            elif state is HALF_OPEN and s.state is HALF_OPEN:
+                retry = self._retry_after(now) if self._probes_held(now) else 0.0
+            else:
+                retry = 0.0
+        return StateView(state, retry, fc, sc)
+
+    def reset(self) -> None:
+        """Force CLOSED with cleared consecutive counts, in a new generation."""
+        s = self._s
+        events: list[Event] = []
+        with s.lock:
+            now = self._clock()
+            self._expire_open(now, events)
+            if s.state is not CLOSED:
+                self._move(CLOSED, now, "reset", events)
+            else:
+                s.gen += 1
+                s.fc = s.sc = 0
+        self._emit(events)
+
+    def force_open(self) -> None:
+        """Force OPEN now; an open circuit restarts its timeout."""
+        s = self._s
+        events: list[Event] = []
+        with s.lock:
+            now = self._clock()
+            self._expire_open(now, events)
+            if s.state is not OPEN:
+                self._move(OPEN, now, "forced", events)
+            else:
+                s.gen += 1
+                s.opened_at = now
+        self._emit(events)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return the state and running totals as a JSON-serialisable dict."""
+        view = self.view()
+        s = self._s
+        with s.lock:
+            now = self._clock()
+            secs = {state.value: value for state, value in s.secs.items()}
+            transitions = dict(s.transitions)
+            since, current = s.since, s.state
+            if current is OPEN and self._timed_out(now):
+                assert s.opened_at is not None
+                ran_out = s.opened_at + self._config.timeout_seconds
+                secs[OPEN.value] += max(0.0, ran_out - since)
+                current, since = HALF_OPEN, ran_out
+                key = "open->half_open"
+                transitions[key] = transitions.get(key, 0) + 1
+            secs[current.value] += max(0.0, now - since)
+            totals = {
+                "successes": s.successes,
+                "failures": s.failures,
+                "rejected": s.rejected,
+                "half_open_successes": s.half_open_successes,
+                "half_open_failures": s.half_open_failures,
+            }
+            opened_at = None
+            if s.opened_at is not None:
+                opened_at = round(time.time() - (now - s.opened_at), 3)
+        return build_snapshot(
+            self._name, self._config, view, totals, transitions, secs, opened_at, "memory"
+        )
+
+    # The rules below run with the circuit's lock held.
+
+    def _record(self, gen: int, failed: bool, now: float, events: list[Event]) -> None:
+        s = self._s
+        if failed:
+            s.failures += 1
+        else:
+            s.successes += 1
+        self._expire_open(now, events)
+        if gen != s.gen:
+            return
+        if s.state is CLOSED:
+            if not failed:
+                s.fc = 0
+                return
+            s.fc += 1
+            if s.fc >= self._config.failure_threshold:
+                self._move(OPEN, now, "failures", events)
+        elif s.state is HALF_OPEN:
+            if failed:
+                s.half_open_failures += 1
+                self._move(OPEN, now, "probe_failed", events)
+                return
+            s.half_open_successes += 1
+            s.sc += 1
+            if s.sc >= self._config.success_threshold:
+                self._move(CLOSED, now, "recovered", events)
+
+    def _admit_probe(self, now: float) -> Ticket | None:
+        s = self._s
+        if s.state is not HALF_OPEN or self._probes_held(now):
+            return None
+        lease = next(self._leases)
+        s.probes[lease] = now + self._config.lease_seconds
+        return (s.gen, lease)
+
+    def _probes_held(self, now: float) -> bool:
+        probes = self._s.probes
+        for lease in [lease for lease, expiry in probes.items() if expiry <= now]:
+            del probes[lease]
+        return len(probes) >= self._config.half_open_max_calls
+
+    def _timed_out(self, now: float) -> bool:
+        opened_at = self._s.opened_at
+        return opened_at is not None and now >= opened_at + self._config.timeout_seconds
+
+    def _expire_open(self, now: float, events: list[Event]) -> None:
+        s = self._s
+        if s.state is OPEN and self._timed_out(now):
+            assert s.opened_at is not None
+            self._move(HALF_OPEN, s.opened_at + self._config.timeout_seconds, "timeout", events)
+
+    def _retry_after(self, now: float) -> float:
+        s = self._s
+        if s.state is OPEN and s.opened_at is not None:
+            return max(0.0, s.opened_at + self._config.timeout_seconds - now)
+        if s.state is HALF_OPEN:
+            return self._config.half_open_retry_after
+        return 0.0
+
+    def _move(self, to: CircuitState, at: float, cause: str, events: list[Event]) -> None:
+        s = self._s
+        came_from = s.state
+        count = s.sc if cause == "recovered" else s.fc
+        s.secs[came_from] += max(0.0, at - s.since)
+        key = f"{came_from.value}->{to.value}"
+        s.transitions[key] = s.transitions.get(key, 0) + 1
+        s.state = to
+        s.gen += 1
+        s.fc = s.sc = 0
+        s.since = at
+        s.probes.clear()
+        if to is OPEN:
+            s.opened_at = at
+        events.append((came_from, to, cause, count))
+
+    def _emit(self, events: list[Event]) -> None:
+        for came_from, to, cause, count in events:
+            self._notify(came_from, to, cause, count)

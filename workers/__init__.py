@@ -1,0 +1,1 @@
+"""The Celery side of payment-breaker: app, payment tasks, provider client, sandbox, CLI."""
