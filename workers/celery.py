@@ -1,0 +1,81 @@
+"""The Celery app: `celery -A workers worker` finds it here (module workers.celery, name app)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import Celery, signals
+
+from workers import redaction
+from workers.config import Settings, read_settings
+from workers.runtime import forget
+
+log = logging.getLogger("workers")
+
+
+def create_app(main: str = "workers", **conf: Any) -> Celery:
+    """Return a configured app; conf keys are Celery settings, validated with our own."""
+    app = Celery(main, set_as_current=False)
+    app.conf.update(conf)
+    configure(app)
+    return app
+
+
+def configure(app: Celery) -> Settings:
+    """Read and validate the settings into app.conf, and derive the Celery settings they imply.
+
+    Raises SettingsError naming the bad setting. Call again after changing app.conf.
+    """
+    settings = read_settings(app.conf)
+    for name, value in vars(settings).items():
+        app.conf[name] = value
+    broker_url = str(app.conf.broker_url or "")
+    transport_options = dict(app.conf.broker_transport_options or {})
+    if broker_url.startswith(("redis://", "rediss://", "unix://")):
+        vt = settings.visibility_timeout
+        transport_options.setdefault("visibility_timeout", vt)
+        # Sweep for charges of a worker that died often enough to bring them back in time.
+        transport_options.setdefault("unacked_restore_interval", max(1, min(10, int(vt / 4))))
+        transport_options.setdefault("unacked_restore_throttle", 1)
+    app.conf.update(
+        broker_transport_options=transport_options,
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        result_extended=True,
+        broker_connection_retry_on_startup=True,
+        beat_schedule={
+            "breaker.publish_state": {
+                "task": "breaker.publish_state",
+                "schedule": settings.breaker_publish_interval,
+                "options": {"expires": settings.breaker_publish_interval},
+            }
+        },
+    )
+    app.conf.setdefault("imports", [])
+    if "workers.tasks" not in app.conf.imports:
+        app.conf.imports = [*app.conf.imports, "workers.tasks"]
+    forget(app)
+    return settings
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _redact_logs(logger: logging.Logger, **_: Any) -> None:
+    """Mask tokens, keys and secrets in every line the worker logs, Celery's own included."""
+    redaction.install(logger, secrets=[os.environ.get("PAYMENT_PROVIDER_API_KEY", "")])
+
+
+app = create_app(
+    broker_url=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
+    result_backend=os.environ.get("CELERY_RESULT_BACKEND"),
+)

@@ -1,0 +1,232 @@
+"""The settings of CONTRACT.md section 6, read once from app.conf and the environment."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+from breaker import BreakerConfig
+from breaker.registry import validate_overrides
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class SettingsError(ValueError):
+    """A setting has a value the workers cannot run with."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting the workers read, validated; durations are seconds."""
+
+    breaker_failure_threshold: int = 3
+    breaker_timeout: float = 30.0
+    breaker_success_threshold: int = 2
+    breaker_half_open_max_calls: int = 2
+    breaker_redis_url: str = ""
+    breaker_publish_interval: float = 5.0
+    breaker_state_channel: str = "breaker:state"
+    breaker_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    payment_provider_url: str = "http://127.0.0.1:8099"
+    payment_provider_api_key: str = field(default="", repr=False)
+    payment_provider_timeout: float = 10.0
+    payment_max_attempts: int = 5
+    payment_charge_deadline: float = 900.0
+    # Not in the contract's table: knobs with defaults that follow from the ones above.
+    payment_provider_class: str = "workers.provider:HttpProvider"
+    payment_result_ttl: float = 86400.0
+    payment_retry_backoff: float = 1.0
+    payment_retry_backoff_max: float = 30.0
+    breaker_probe_lease: float = 0.0
+
+    @property
+    def breaker_defaults(self) -> BreakerConfig:
+        """Return the settings every breaker starts from."""
+        return BreakerConfig(
+            failure_threshold=self.breaker_failure_threshold,
+            timeout_seconds=self.breaker_timeout,
+            success_threshold=self.breaker_success_threshold,
+            half_open_max_calls=self.breaker_half_open_max_calls,
+            probe_lease_seconds=self.probe_lease,
+        )
+
+    @property
+    def probe_lease(self) -> float:
+        """Return how long a probe slot is held: a whole provider call, plus a margin."""
+        return self.breaker_probe_lease or self.payment_provider_timeout + 5.0
+
+    @property
+    def longest_breaker_timeout(self) -> float:
+        """Return the longest open timeout of any breaker, overrides included."""
+        configs = validate_overrides(self.breaker_overrides, self.breaker_defaults)
+        return max([self.breaker_timeout, *(c.timeout_seconds for c in configs.values())])
+
+    @property
+    def visibility_timeout(self) -> float:
+        """Return the Redis broker's visibility timeout for these settings.
+
+        Above the longest countdown a charge can be given plus the longest provider call, so
+        a charge waiting on its countdown is not redelivered while its worker is alive.
+        """
+        longest_countdown = max(self.longest_breaker_timeout, self.payment_retry_backoff_max)
+        # Jitter adds at most 10% to a countdown; 10% more and a second cover queueing.
+        return round((longest_countdown * 1.1 + self.payment_provider_timeout) * 1.1 + 1.0, 3)
+
+
+def _integer(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise SettingsError(f"{name} must be a whole number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingsError(f"{name} must be a whole number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"between {low} and {high}"
+        raise SettingsError(f"{name} must be {bound}, got {value!r}")
+    return value
+
+
+def _seconds(name: str, value: Any, allow_zero: bool = False) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise SettingsError(f"{name} must be a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SettingsError(f"{name} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise SettingsError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _url(name: str, value: Any, schemes: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SettingsError(f"{name} must be a URL, got {value!r}")
+    value = value.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "unix"):
+        wanted = " or ".join(f"{s}://" for s in schemes)
+        raise SettingsError(f"{name} must be a {wanted} URL, got {_safe_url(value)}")
+    return str(value)
+
+
+def _safe_url(url: str) -> str:
+    """Return url with any password replaced, for error messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return repr(url)
+
+
+def _text(name: str, value: Any, allow_empty: bool = False) -> str:
+    if not isinstance(value, str) or (not value and not allow_empty):
+        raise SettingsError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _overrides(name: str, value: Any) -> dict[str, dict[str, Any]]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"{name} must be a JSON object: {exc}") from None
+    if not isinstance(value, Mapping):
+        raise SettingsError(f"{name} must map breaker names to settings, got {value!r}")
+    try:
+        validate_overrides(value, BreakerConfig())
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    return {str(k): dict(v) for k, v in value.items()}
+
+
+def _provider_class(name: str, value: Any) -> str:
+    if not isinstance(value, str) or ":" not in value:
+        raise SettingsError(f"{name} must be 'module:ClassName', got {value!r}")
+    return value
+
+
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "breaker_failure_threshold": lambda n, v: _integer(n, v, 1),
+    "breaker_timeout": _seconds,
+    "breaker_success_threshold": lambda n, v: _integer(n, v, 1),
+    "breaker_half_open_max_calls": lambda n, v: _integer(n, v, 1),
+    "breaker_redis_url": lambda n, v: _url(n, v, ("redis", "rediss", "unix")),
+    "breaker_publish_interval": _seconds,
+    "breaker_state_channel": _text,
+    "breaker_overrides": _overrides,
+    "payment_provider_url": lambda n, v: _url(n, v, ("http", "https")),
+    "payment_provider_api_key": lambda n, v: _text(n, v, allow_empty=True),
+    "payment_provider_timeout": _seconds,
+    "payment_max_attempts": lambda n, v: _integer(n, v, 1, 100),
+    "payment_charge_deadline": _seconds,
+    "payment_provider_class": _provider_class,
+    "payment_result_ttl": _seconds,
+    "payment_retry_backoff": _seconds,
+    "payment_retry_backoff_max": _seconds,
+    "breaker_probe_lease": lambda n, v: _seconds(n, v, allow_zero=True),
+}
+
+SETTING_NAMES = tuple(f.name for f in fields(Settings))
+
+
+def read_settings(
+    conf: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Return the settings from conf, each overridden by its upper-case environment variable.
+
+    Raises SettingsError naming the first setting with a bad value.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in SETTING_NAMES:
+        source = name
+        raw = conf.get(name)
+        if name.upper() in environ:
+            raw, source = environ[name.upper()], name.upper()
+        if raw is None:
+            continue
+        try:
+            values[name] = _PARSERS[name](name, raw)
+        except SettingsError as exc:
+            where = f" (from the environment variable {source})" if source != name else ""
+            raise SettingsError(f"{exc}{where}") from None
+    if not values.get("breaker_redis_url"):
+        values["breaker_redis_url"] = default_redis_url(conf.get("broker_url"))
+    settings = Settings(**values)
+    _check_together(settings)
+    return settings
+
+
+def default_redis_url(broker_url: object) -> str:
+    """Return the broker URL when it is Redis, else the local default."""
+    if isinstance(broker_url, str) and broker_url.startswith(("redis://", "rediss://")):
+        return broker_url
+    return DEFAULT_REDIS_URL
+
+
+def _check_together(s: Settings) -> None:
+    if s.payment_result_ttl < s.payment_charge_deadline:
+        raise SettingsError(
+            f"payment_result_ttl ({s.payment_result_ttl:g}s) must be at least "
+            f"payment_charge_deadline ({s.payment_charge_deadline:g}s), so that an order's first "
+            "result outlives every retry of its charge"
+        )
+    if s.visibility_timeout >= s.payment_charge_deadline:
+        raise SettingsError(
+            f"payment_charge_deadline ({s.payment_charge_deadline:g}s) must be longer than the "
+            f"broker visibility timeout these settings need ({s.visibility_timeout:g}s: "
+            "the longest breaker_timeout or payment_retry_backoff_max, plus "
+            "payment_provider_timeout and a margin), so a charge held by a worker that died "
+            "comes back before its deadline"
+        )
+    if s.breaker_probe_lease and s.breaker_probe_lease < s.payment_provider_timeout:
+        raise SettingsError(
+            f"breaker_probe_lease ({s.breaker_probe_lease:g}s) must cover a whole provider call "
+            f"(payment_provider_timeout {s.payment_provider_timeout:g}s)"
+        )

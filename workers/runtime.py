@@ -1,0 +1,89 @@
+"""What one worker process holds: settings, Redis pool, breakers, provider; made after fork."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import redis
+
+from breaker import BreakerRegistry, RedisStore
+from workers.config import Settings, read_settings
+from workers.orders import OrderBook
+from workers.provider import Provider, load_provider
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+
+@dataclass
+class Runtime:
+    """The per-process resources every task uses."""
+
+    settings: Settings
+    redis: redis.Redis
+    store: RedisStore
+    registry: BreakerRegistry
+    orders: OrderBook
+    provider: Provider
+    pid: int
+
+    def close(self) -> None:
+        """Release connections."""
+        self.provider.close()
+        self.redis.close()
+
+
+_runtimes: dict[int, Runtime] = {}
+_lock = threading.Lock()
+
+
+def runtime(app: Celery) -> Runtime:
+    """Return this process's runtime for app, building it on first use in each process."""
+    key = id(app)
+    current = _runtimes.get(key)
+    if current is not None and current.pid == os.getpid():
+        return current
+    with _lock:
+        current = _runtimes.get(key)
+        if current is None or current.pid != os.getpid():
+            current = _runtimes[key] = build_runtime(read_settings(app.conf))
+    return current
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """Return fresh connections and breakers for the settings."""
+    client = redis.Redis.from_url(
+        settings.breaker_redis_url,
+        socket_timeout=2.0,
+        socket_connect_timeout=1.0,
+        health_check_interval=30,
+    )
+    store = RedisStore(client)
+    registry = BreakerRegistry(
+        store, defaults=settings.breaker_defaults, overrides=settings.breaker_overrides
+    )
+    orders = OrderBook(
+        client,
+        result_ttl=settings.payment_result_ttl,
+        lock_ttl=settings.payment_provider_timeout + 5.0,
+    )
+    return Runtime(
+        settings=settings,
+        redis=client,
+        store=store,
+        registry=registry,
+        orders=orders,
+        provider=load_provider(settings),
+        pid=os.getpid(),
+    )
+
+
+def forget(app: Celery) -> None:
+    """Drop app's runtime in this process (after a fork, or when its settings change)."""
+    with _lock:
+        stale = _runtimes.pop(id(app), None)
+    if stale is not None and stale.pid == os.getpid():
+        stale.close()
