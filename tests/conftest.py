@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 
 from tests.redis_server import RedisServer
+from workers.celery import create_app
+from workers.sandbox import SandboxControl, SandboxServer
 
 
 @pytest.fixture(scope="session")
@@ -18,12 +24,12 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
+def redis_url(redis_server: RedisServer) -> str:
     """Return the private Redis's URL, emptied before each test."""
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     client.close()
-    yield redis_server.url
+    return redis_server.url
 
 
 @pytest.fixture
@@ -32,3 +38,68 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
+
+
+@pytest.fixture
+def spare_redis_server() -> Iterator[RedisServer]:
+    """Start a redis-server of the test's own, free to be stopped and restarted."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+# The Celery side: a sandbox provider over real HTTP, and apps configured for short timeouts.
+
+SETTING_PREFIXES = ("BREAKER_", "PAYMENT_", "CELERY_")
+
+# Short enough that an outage, a probe and a recovery take tenths of seconds.
+FAST_SETTINGS: dict[str, Any] = {
+    "breaker_timeout": 0.5,
+    "breaker_publish_interval": 0.5,
+    "payment_provider_timeout": 1.0,
+    "payment_retry_backoff": 0.05,
+    "payment_retry_backoff_max": 0.2,
+    "payment_charge_deadline": 30.0,
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the developer's or CI's BREAKER_*/PAYMENT_*/CELERY_* variables out of the tests."""
+    for name in list(os.environ):
+        if name.startswith(SETTING_PREFIXES):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[SandboxServer]:
+    """Run one sandbox provider on a free port for the whole session."""
+    with SandboxServer() as server:
+        yield server
+
+
+@pytest.fixture
+def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxControl]:
+    """Return a control client of the sandbox, its ledger and faults reset before the test."""
+    with SandboxControl(sandbox_server.url) as control:
+        control.reset()
+        yield control
+
+
+@pytest.fixture
+def make_app(redis_url: str, sandbox_server: SandboxServer) -> Callable[..., Celery]:
+    """Return a factory of configured apps on the private Redis and the sandbox."""
+    counter = itertools.count(1)
+
+    def make(**conf: Any) -> Celery:
+        settings = {
+            "broker_url": redis_url,
+            "result_backend": redis_url,
+            "payment_provider_url": sandbox_server.url,
+            **FAST_SETTINGS,
+            **conf,
+        }
+        return create_app(f"test-app-{next(counter)}", **settings)
+
+    return make

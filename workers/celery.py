@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery, signals
 
 from workers import redaction
-from workers.config import Settings, read_settings
+from workers.config import Settings, SettingsError, read_settings
 from workers.runtime import forget
 
 log = logging.getLogger("workers")
@@ -75,7 +75,11 @@ def _redact_logs(logger: logging.Logger, **_: Any) -> None:
     redaction.install(logger, secrets=[os.environ.get("PAYMENT_PROVIDER_API_KEY", "")])
 
 
-app = create_app(
-    broker_url=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
-    result_backend=os.environ.get("CELERY_RESULT_BACKEND"),
-)
+try:
+    app = create_app(
+        broker_url=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
+        result_backend=os.environ.get("CELERY_RESULT_BACKEND"),
+    )
+except SettingsError as exc:
+    # A worker, beat or CLI started with a bad setting stops here, saying which one.
+    raise SystemExit(f"payment-breaker: bad setting: {exc}") from None
