@@ -13,6 +13,8 @@ from breaker.store import Circuit, Store, Ticket
 
 log = logging.getLogger("breaker")
 
+SUCCESS, FAILURE, IGNORED = Outcome.SUCCESS, Outcome.FAILURE, Outcome.IGNORED
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -61,22 +63,22 @@ class Permit:
 
     def success(self) -> None:
         """Report that the dependency answered."""
-        self._finish(Outcome.SUCCESS, None)
+        self._finish(SUCCESS, None)
 
     def failure(self, exc: BaseException | None = None) -> None:
         """Report that the dependency failed, whatever is_failure would say."""
-        self._finish(Outcome.FAILURE, exc)
+        self._finish(FAILURE, exc)
 
     def done(self, exc: BaseException | None = None) -> None:
         """Report the call's end: no error is a success, an error is judged by is_failure."""
         if exc is None:
-            self._finish(Outcome.SUCCESS, None)
+            self._finish(SUCCESS, None)
         else:
             self._finish(self._breaker.classify(exc), exc)
 
     def release(self) -> None:
         """Give the permit back unused: free its probe slot, count nothing."""
-        self._finish(Outcome.IGNORED, None)
+        self._finish(IGNORED, None)
 
     def _finish(self, outcome: Outcome, exc: BaseException | None) -> None:
         ticket, self._ticket = self._ticket, None
@@ -128,13 +130,17 @@ class CircuitBreaker:
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call fn through the breaker, or raise CircuitBreakerOpenError without calling it."""
-        ticket = self._admit()
+        try:
+            ticket = self._circuit.admit()
+        except CircuitBreakerOpenError as error:
+            self._rejected(error)
+            raise
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
             self.report(ticket, self.classify(exc), exc)
             raise
-        self._circuit.record(ticket, Outcome.SUCCESS)
+        self._circuit.record(ticket, SUCCESS)
         if self.listeners:
             for listener in self.listeners:
                 listener.success(self)
@@ -192,10 +198,10 @@ class CircuitBreaker:
         if isinstance(exc, CircuitBreakerOpenError) or not isinstance(exc, Exception):
             # A nested breaker refused, or the call was interrupted: the dependency
             # never answered either way.
-            return Outcome.IGNORED
+            return IGNORED
         if self.is_failure is None or self.is_failure(exc):
-            return Outcome.FAILURE
-        return Outcome.SUCCESS
+            return FAILURE
+        return SUCCESS
 
     def report(self, ticket: Ticket, outcome: Outcome, exc: BaseException | None) -> None:
         """Record an outcome and tell the listeners."""
@@ -203,18 +209,21 @@ class CircuitBreaker:
         if not self.listeners:
             return
         for listener in self.listeners:
-            if outcome is Outcome.SUCCESS:
+            if outcome is SUCCESS:
                 listener.success(self)
-            elif outcome is Outcome.FAILURE:
+            elif outcome is FAILURE:
                 listener.failure(self, exc)
 
     def _admit(self) -> Ticket:
         try:
             return self._circuit.admit()
         except CircuitBreakerOpenError as error:
-            for listener in self.listeners:
-                listener.rejected(self, error)
+            self._rejected(error)
             raise
+
+    def _rejected(self, error: CircuitBreakerOpenError) -> None:
+        for listener in self.listeners:
+            listener.rejected(self, error)
 
     def _transitioned(
         self, old: CircuitState, new: CircuitState, cause: str, count: int

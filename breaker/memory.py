@@ -12,6 +12,8 @@ from breaker.state import BreakerConfig, CircuitBreakerOpenError, CircuitState, 
 from breaker.store import StateView, Ticket, TransitionHook, build_snapshot
 
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
+# Module constants: looking a member up on an Enum class costs ~70 ns a time on 3.11.
+SUCCESS, FAILURE, IGNORED = Outcome.SUCCESS, Outcome.FAILURE, Outcome.IGNORED
 
 Event = tuple[CircuitState, CircuitState, str, int]
 
@@ -102,6 +104,13 @@ class MemoryCircuit:
     def admit(self) -> Ticket:
         """Admit a call or raise CircuitBreakerOpenError."""
         s = self._s
+        # acquire/release rather than `with`: this is the hot path, and the block cannot raise.
+        s.lock.acquire()
+        if s.state is CLOSED:
+            gen = s.gen
+            s.lock.release()
+            return (gen, 0)
+        s.lock.release()
         with s.lock:
             if s.state is CLOSED:
                 return (s.gen, 0)
@@ -121,17 +130,22 @@ class MemoryCircuit:
         """Report how an admitted call ended."""
         gen, lease = ticket
         s = self._s
+        if not lease and outcome is SUCCESS:
+            # The hot path, as in admit(): a success in CLOSED only counts and clears fc.
+            s.lock.acquire()
+            if s.state is CLOSED and gen == s.gen:
+                s.successes += 1
+                s.fc = 0
+                s.lock.release()
+                return
+            s.lock.release()
         with s.lock:
             if lease:
                 s.probes.pop(lease, None)
-            if outcome is Outcome.SUCCESS and s.state is CLOSED and gen == s.gen:
-                s.successes += 1
-                s.fc = 0
-                return
-            if outcome is Outcome.IGNORED:
+            if outcome is IGNORED:
                 return
             events: list[Event] = []
-            self._record(gen, outcome is Outcome.FAILURE, self._clock(), events)
+            self._record(gen, outcome is FAILURE, self._clock(), events)
         self._emit(events)
 
     def view(self) -> StateView:

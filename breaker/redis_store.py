@@ -240,9 +240,12 @@ class RedisCircuit:
         if store.degraded:
             store._mark_up()
         admitted = self._apply(reply)
+        # From the reply, not the cache: another thread or a listener may have changed the
+        # cache since, and the round trip must not lengthen the wait.
+        state, gen, retry_ms = CircuitState(_text(reply[1])), int(reply[2]), int(reply[5])
         if admitted:
-            return (self._gen, lease if self._state is HALF_OPEN else None)
-        raise CircuitBreakerOpenError(self._name, self._state, self._refuse_until - now)
+            return (gen, lease if state is HALF_OPEN else None)
+        raise CircuitBreakerOpenError(self._name, state, retry_ms / 1000)
 
     def record(self, ticket: Ticket, outcome: Outcome) -> None:
         """Report how an admitted call ended, in one round trip."""

@@ -30,11 +30,16 @@ class CircuitBreakerOpenError(Exception):
     """Raised instead of calling the dependency while its circuit refuses calls."""
 
     def __init__(self, name: str, state: CircuitState, retry_after: float) -> None:
+        super().__init__(name, state, retry_after)
         self.name = name
         self.state = state
         self.retry_after = retry_after
-        super().__init__(
-            f"Circuit breaker {name} is {state.value}; retry after {retry_after:.3f}s"
+
+    def __str__(self) -> str:
+        # Built on demand: a refused call should cost little, and most are never printed.
+        return (
+            f"Circuit breaker {self.name} is {self.state.value}; "
+            f"retry after {self.retry_after:.3f}s"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:

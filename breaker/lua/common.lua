@@ -36,6 +36,8 @@ if not c.state then
   c.state, c.gen, c.since = 'closed', now, now
   redis.call('HSET', H, 'state', 'closed', 'gen', now, 'fc', 0, 'sc', 0, 'since', now,
              'created', now)
+  -- Here and not only in reply(): read creates the hash too but never calls reply().
+  redis.call('PEXPIRE', H, TTL)
 end
 
 local pending_rejected = tonumber(ARGV[7])
