@@ -1,0 +1,194 @@
+"""Flower, with no extra set-up, shows the charges, their retries and the publisher's results."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from celery import Celery
+
+from tests.redis_server import free_port
+from workers.runtime import runtime
+from workers.sandbox import SandboxControl, SandboxServer
+
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+# The worker and the test's own breakers share these, so that the circuit the test opens
+# is the one the worker reads, with the same timeout.
+SETTINGS = {
+    "breaker_timeout": 2.0,
+    "breaker_publish_interval": 0.5,
+    "payment_provider_timeout": 1.0,
+    "payment_retry_backoff": 0.05,
+    "payment_retry_backoff_max": 0.2,
+    "payment_charge_deadline": 30.0,
+}
+FLOWER_USER, FLOWER_PASSWORD = "ops", "flower-test-password"
+
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float, what: str) -> T:
+    """Return probe()'s first result that is not None; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = probe()
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process politely, then for good."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait(timeout=10)
+
+
+@pytest.fixture
+def settings_env(redis_url: str, sandbox_server: SandboxServer) -> dict[str, str]:
+    """Return the environment that points Flower and the worker at the test's servers."""
+    return {
+        **os.environ,
+        "CELERY_BROKER_URL": redis_url,
+        "CELERY_RESULT_BACKEND": redis_url,
+        "PAYMENT_PROVIDER_URL": sandbox_server.url,
+        **{name.upper(): str(value) for name, value in SETTINGS.items()},
+    }
+
+
+@pytest.fixture
+def flower_only(settings_env: dict[str, str], tmp_path: Path) -> Iterator[httpx.Client]:
+    """Run `celery -A workers flower` with basic auth; return a client holding the password."""
+    port = free_port()
+    log_path = tmp_path / "flower.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [CELERY, "-A", "workers", "flower", f"--port={port}", "--address=127.0.0.1"],
+            # Basic auth the way docker-compose passes it: Flower reads its own variable.
+            env={**settings_env, "FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{FLOWER_PASSWORD}"},
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+        )
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", auth=(FLOWER_USER, FLOWER_PASSWORD), timeout=5
+    )
+
+    def healthy() -> bool | None:
+        assert process.poll() is None, log_path.read_text()
+        try:
+            return client.get("/healthcheck").status_code == 200 or None
+        except httpx.TransportError:
+            return None
+
+    try:
+        wait_for(healthy, 30, "Flower to answer")
+        yield client
+    finally:
+        client.close()
+        stop(process)
+
+
+@pytest.fixture
+def flower(
+    flower_only: httpx.Client, settings_env: dict[str, str], sandbox: SandboxControl,
+    tmp_path: Path,
+) -> Iterator[httpx.Client]:
+    """Add a worker with an embedded beat to Flower, started once Flower listens."""
+    with (tmp_path / "worker.log").open("wb") as log:
+        process = subprocess.Popen(
+            [CELERY, "-A", "workers", "worker", "--pool=threads", "--concurrency=2",
+             "--beat", f"--schedule={tmp_path / 'beat-schedule'}", "--without-mingle",
+             "--without-gossip", "--loglevel=INFO", "--hostname=flower-test@%h"],
+            env=settings_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        yield flower_only
+    finally:
+        stop(process)
+
+
+def charge(order_id: str) -> dict[str, Any]:
+    """Return the keyword arguments of a charge the sandbox accepts."""
+    return {"order_id": order_id, "amount": 1999, "currency": "usd", "payment_token": "tok_visa"}
+
+
+def task_info(client: httpx.Client, task_id: str, state: str) -> dict[str, Any] | None:
+    """Return Flower's record of a task once it is in state, else None."""
+    response = client.get(f"/api/task/info/{task_id}")
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+    info: dict[str, Any] = response.json()
+    return info if info["state"] == state else None
+
+
+def published(client: httpx.Client, mentioning: str) -> dict[str, Any] | None:
+    """Return a succeeded breaker.publish_state task whose result mentions a text, else None."""
+    response = client.get(
+        "/api/tasks", params={"taskname": "breaker.publish_state", "state": "SUCCESS"}
+    )
+    response.raise_for_status()
+    tasks: dict[str, dict[str, Any]] = response.json()
+    return next((t for t in tasks.values() if mentioning in (t.get("result") or "")), None)
+
+
+def test_flower_shows_charges_their_retries_and_the_publishers_results(
+    flower: httpx.Client, make_app: Callable[..., Celery], sandbox: SandboxControl
+) -> None:
+    app = make_app(**SETTINGS)
+    # The beat publisher's results reaching Flower prove that the worker's events do.
+    first = wait_for(lambda: published(flower, "'breakers'"), 30, "a publisher result in Flower")
+    assert first["name"] == "breaker.publish_state"
+
+    # Opened before the worker first uses it, so that no cached CLOSED lets the charge through.
+    runtime(app).registry.get("payments.card").force_open()
+    # Only the ids: a result object left alive would talk to Redis when it is collected.
+    deferred = app.send_task("payments.charge", kwargs=charge("ord_flower_1")).id
+    straight = app.send_task(
+        "payments.charge", kwargs={**charge("ord_flower_2"), "payment_method": "bank"}
+    ).id
+    done = wait_for(lambda: task_info(flower, straight, "SUCCESS"), 20, "the bank charge")
+    retried = wait_for(lambda: task_info(flower, deferred, "SUCCESS"), 20, "the card charge")
+    after = wait_for(lambda: published(flower, "'payments.card'"), 10, "the breaker published")
+
+    assert done["name"] == "payments.charge"
+    assert done["retries"] == 0
+    assert ast.literal_eval(done["result"])["status"] == "succeeded"
+    assert retried["name"] == "payments.charge"
+    # Flower keeps the retry with the task: when it happened, how many, and the countdown's ETA.
+    assert retried["retries"] >= 1
+    assert "Retry" in retried["exception"]
+    countdown = datetime.fromisoformat(retried["eta"]).timestamp() - retried["retried"]
+    assert 1.0 < countdown <= SETTINGS["breaker_timeout"] * 1.1 + 0.5
+    result = ast.literal_eval(retried["result"])
+    assert (result["status"], result["attempts"]) == ("succeeded", 1)
+    assert result["deferrals"] >= 1
+    assert "'published_at'" in after["result"]
+    assert len(sandbox.ledger()["charges"]) == 2
+    listed = flower.get("/api/tasks", params={"taskname": "payments.charge"}).json()
+    assert {straight, deferred} <= set(listed)
+
+
+def test_flower_refuses_its_api_without_the_basic_auth_credentials(
+    flower_only: httpx.Client
+) -> None:
+    url = flower_only.base_url.join("/api/tasks")
+
+    assert httpx.get(url, timeout=5).status_code == 401
+    assert httpx.get(url, auth=(FLOWER_USER, "wrong"), timeout=5).status_code == 401
+    assert flower_only.get("/api/tasks").status_code == 200
