@@ -30,7 +30,7 @@ STORE_RETRY_SECONDS = 2.0
 class Rescheduler(Protocol):
     """What a run needs of its Celery task: reschedule itself with new progress headers."""
 
-    def reschedule(self, countdown: float, headers: dict[str, Any]) -> NoReturn:
+    def reschedule(self, countdown: float, headers: dict[str, Any], reason: str) -> NoReturn:
         """Send the charge again after countdown seconds; never returns."""
 
 
@@ -277,7 +277,9 @@ class ChargeRun:
             "Charge %s %s in %.3fs (attempts %d, deferrals %d)",
             self.charge.order_id, why, countdown, self.progress.attempts, self.progress.deferrals,
         )
-        self.task.reschedule(countdown, self.progress.headers())
+        self.task.reschedule(
+            countdown, self.progress.headers(), f"order {self.charge.order_id} {why}"
+        )
 
 
 def _as_failure(exc: Exception) -> ProviderFailure:

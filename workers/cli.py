@@ -19,14 +19,8 @@ import redis
 from celery.bin.base import CeleryCommand
 
 from breaker import CircuitBreaker
-from workers.exporter import (
-    DEFAULT_HOST,
-    DEFAULT_PORT,
-    ExporterServer,
-    StoreUnavailable,
-    one_line,
-    read_state,
-)
+from workers.exporter import DEFAULT_HOST, DEFAULT_PORT, ExporterServer
+from workers.publication import StoreUnavailable, one_line, read_state
 from workers.runtime import Runtime, runtime
 
 # sysexits.h EX_UNAVAILABLE: a service the command needs cannot be reached.

@@ -17,3 +17,7 @@ class ChargeFailed(Exception):
 
 class ChargeExpired(Exception):
     """The charge was not done within payment_charge_deadline of its first receipt."""
+
+
+class ChargeRescheduled(Exception):
+    """Why a charge was sent again for later: shown with its RETRY in Flower and the log."""

@@ -13,14 +13,12 @@ import signal
 import socket
 import socketserver
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from breaker import BreakerRegistry
 from breaker.store import STATES
+from workers.publication import StoreUnavailable, one_line, read_state
 
 log = logging.getLogger("workers.exporter")
 
@@ -46,23 +45,6 @@ TRANSITIONS = (
 )
 
 
-class StoreUnavailable(Exception):
-    """The breaker store cannot be reached, so no breaker can be read."""
-
-
-def read_state(registry: BreakerRegistry) -> dict[str, Any]:
-    """Return the publisher's message for every known breaker, or raise StoreUnavailable."""
-    try:
-        breakers = registry.snapshots()
-    except redis.RedisError as exc:
-        raise StoreUnavailable(one_line(exc)) from exc
-    # A breaker whose store stops answering mid-read falls back to a per-process circuit
-    # that knows nothing of the others: reporting it would pass a guess off as the truth.
-    if any(snapshot.get("store") == "fallback" for snapshot in breakers):
-        raise StoreUnavailable("the store stopped answering while the breakers were read")
-    return {"published_at": round(time.time(), 3), "breakers": breakers}
-
-
 def health(registry: BreakerRegistry) -> tuple[int, dict[str, Any]]:
     """Return the HTTP status and body of GET /health."""
     try:
@@ -71,11 +53,6 @@ def health(registry: BreakerRegistry) -> tuple[int, dict[str, Any]]:
         return 503, {"status": "unavailable", "breakers": [], "error": str(exc)}
     tripped = any(b["state"] != "closed" for b in breakers)
     return 200, {"status": "open" if tripped else "ok", "breakers": breakers}
-
-
-def one_line(exc: BaseException) -> str:
-    """Return an exception's message on a single line."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class BreakerCollector(Collector):

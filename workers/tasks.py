@@ -9,7 +9,8 @@ from typing import Any, NoReturn
 from celery import Task, shared_task
 
 from workers.charging import ChargeRun, Progress
-from workers.errors import InvalidCharge
+from workers.errors import ChargeRescheduled, InvalidCharge
+from workers.publication import read_state
 from workers.runtime import runtime
 from workers.validation import FIELDS, parse_charge
 
@@ -23,10 +24,10 @@ class ChargeTask(Task):  # type: ignore[misc]
     max_retries = None
     typing = False
 
-    def reschedule(self, countdown: float, headers: dict[str, Any]) -> NoReturn:
+    def reschedule(self, countdown: float, headers: dict[str, Any], reason: str) -> NoReturn:
         """Send this charge again after countdown seconds, with its progress in the headers."""
         merged = {**(self.request.headers or {}), **headers}
-        raise self.retry(countdown=countdown, headers=merged)
+        raise self.retry(countdown=countdown, headers=merged, exc=ChargeRescheduled(reason))
 
 
 @shared_task(bind=True, base=ChargeTask, name="payments.charge")
@@ -41,7 +42,7 @@ def charge(self: ChargeTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
 def publish_state(self: Task) -> dict[str, Any]:
     """Publish every known breaker's snapshot: Redis channel, Celery event and task result."""
     rt = runtime(self.app)
-    state = {"published_at": round(time.time(), 3), "breakers": rt.registry.snapshots()}
+    state = read_state(rt.registry)
     rt.redis.publish(rt.settings.breaker_state_channel, json.dumps(state))
     self.send_event("breaker-state", **state)
     return state
