@@ -211,24 +211,23 @@ class RedisCircuit:
         self._fallback = store.fallback.bind(name, config, on_transition)
         self._pending_rejected = 0
         self._pending_lock = threading.Lock()
-        # What the server last said, and until when (time.monotonic) to act on it.
-        self._state = CLOSED
-        self._gen = 0
-        self._fc = 0
-        self._fresh_until = 0.0
-        self._refuse_until = 0.0
+        # What the server last said: (state, generation, failure count, act on it until,
+        # refuse locally until), times in time.monotonic. One tuple, replaced whole, so a
+        # thread never reads one answer's state with another answer's generation.
+        self._cache: tuple[CircuitState, int, int, float, float] = (CLOSED, 0, 0, 0.0, 0.0)
 
     def admit(self) -> Ticket:
         """Admit a call or raise CircuitBreakerOpenError, asking Redis only when needed."""
         now = time.monotonic()
         store = self._store
-        if now < self._fresh_until and not store.degraded:
-            if self._state is CLOSED and not self._fc:
-                return (self._gen, None)
-            if now < self._refuse_until:
+        state, gen, fc, fresh_until, refuse_until = self._cache
+        if now < fresh_until and not store.degraded:
+            if state is CLOSED and not fc:
+                return (gen, None)
+            if now < refuse_until:
                 with self._pending_lock:
                     self._pending_rejected += 1
-                raise CircuitBreakerOpenError(self._name, self._state, self._refuse_until - now)
+                raise CircuitBreakerOpenError(self._name, state, refuse_until - now)
         if not store.use_redis():
             return self._fallback_admit()
         lease = store.next_lease()
@@ -332,12 +331,14 @@ class RedisCircuit:
         """Cache what the server said and log the transitions this call made."""
         now = time.monotonic()
         status, state, gen, fc, _sc, retry_ms = reply[:6]
-        self._state = CircuitState(_text(state))
-        self._gen = int(gen)
-        self._fc = int(fc)
         # retry_after is 0 whenever a call may be made, so it doubles as "refuse locally until".
-        self._refuse_until = now + int(retry_ms) / 1000
-        self._fresh_until = now + self._store.staleness
+        self._cache = (
+            CircuitState(_text(state)),
+            int(gen),
+            int(fc),
+            now + self._store.staleness,
+            now + int(retry_ms) / 1000,
+        )
         events = reply[6:]
         for i in range(0, len(events), 4):
             came_from, to, cause, count = events[i : i + 4]
