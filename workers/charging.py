@@ -77,7 +77,7 @@ class ChargeRun:
         self,
         rt: Runtime,
         task: Rescheduler,
-        task_id: str,
+        holder: str,
         charge: ChargeRequest,
         progress: Progress,
         rng: random.Random | None = None,
@@ -85,7 +85,10 @@ class ChargeRun:
         self.rt = rt
         self.settings = rt.settings
         self.task = task
-        self.task_id = task_id
+        # Who holds the order while charging: one message of the task, not the task id alone,
+        # since a worker that died between sending a reschedule and acking the original
+        # brings both back; a redelivery of the same message is the same holder.
+        self.holder = holder
         self.charge = charge
         self.progress = progress
         self.breaker = rt.registry.get(charge.breaker_name)
@@ -128,7 +131,7 @@ class ChargeRun:
     def _begin(self, permit: Permit | None) -> dict[str, Any] | None:
         """Take the order; return its earlier result if it already succeeded."""
         try:
-            begin = self.rt.orders.begin(self.charge.order_id, self.task_id)
+            begin = self.rt.orders.begin(self.charge.order_id, self.holder)
         except redis.RedisError as exc:
             if permit is not None:
                 permit.release()
@@ -149,7 +152,7 @@ class ChargeRun:
 
     def _finish(self, result: dict[str, Any] | None) -> dict[str, Any] | None:
         try:
-            return self.rt.orders.finish(self.charge.order_id, self.task_id, result)
+            return self.rt.orders.finish(self.charge.order_id, self.holder, result)
         except redis.RedisError as exc:
             # The charge is done at the provider; its lock expires by itself. A later task
             # for this order replays the same Idempotency-Key and charges nothing new.

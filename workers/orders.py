@@ -2,7 +2,8 @@
 
 Keys (one cluster hash slot per order):
   payments:order:{<order_id>}:result  JSON of the first succeeded result; TTL payment_result_ttl
-  payments:order:{<order_id>}:lock    id of the task charging the order now; TTL one provider call
+  payments:order:{<order_id>}:lock    who is charging the order now (task id:retry count);
+                                      TTL one provider call
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Any
 
 import redis
 
-# KEYS[1] result, KEYS[2] lock; ARGV[1] task id, ARGV[2] lock TTL (ms).
+# KEYS[1] result, KEYS[2] lock; ARGV[1] holder, ARGV[2] lock TTL (ms).
 # Reply: {"done", result} if the order already succeeded; {"busy", ms left} if another task
-# holds the lock; {"go", 0} once the caller holds it (a redelivered task takes its own back).
+# holds the lock; {"go", 0} once the caller holds it (a redelivered message takes its own back).
 BEGIN = """
 local done = redis.call('GET', KEYS[1])
 if done then return {'done', done} end
@@ -25,7 +26,7 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {'go', 0}
 """
 
-# KEYS[1] result, KEYS[2] lock; ARGV[1] task id, ARGV[2] result JSON or '', ARGV[3] TTL (ms).
+# KEYS[1] result, KEYS[2] lock; ARGV[1] holder, ARGV[2] result JSON or '', ARGV[3] TTL (ms).
 # Keeps the first result ever stored; frees the lock if the caller still holds it.
 # Reply: the stored result ('' if none).
 FINISH = """
@@ -49,7 +50,7 @@ class Begin:
 
 
 class OrderBook:
-    """The first succeeded result of each order, and a lock so one task charges it at a time."""
+    """The first succeeded result of each order, and a lock so one message charges it at a time."""
 
     def __init__(self, client: redis.Redis, result_ttl: float, lock_ttl: float) -> None:
         self._client = client
@@ -64,9 +65,9 @@ class OrderBook:
         base = f"payments:order:{{{order_id}}}"
         return [f"{base}:result", f"{base}:lock"]
 
-    def begin(self, order_id: str, task_id: str) -> Begin:
-        """Take the order for task_id unless it already succeeded or another task has it."""
-        kind, value = self._begin(keys=self.keys(order_id), args=[task_id, self._lock_ttl_ms])
+    def begin(self, order_id: str, holder: str) -> Begin:
+        """Take the order for holder unless it already succeeded or someone else has it."""
+        kind, value = self._begin(keys=self.keys(order_id), args=[holder, self._lock_ttl_ms])
         kind = kind.decode() if isinstance(kind, bytes) else kind
         if kind == "done":
             return Begin(result=json.loads(value))
@@ -75,12 +76,12 @@ class OrderBook:
         return Begin()
 
     def finish(
-        self, order_id: str, task_id: str, result: dict[str, Any] | None = None
+        self, order_id: str, holder: str, result: dict[str, Any] | None = None
     ) -> dict[str, Any] | None:
         """Store a succeeded result (the first one wins), free the lock; return the stored one."""
         stored = self._finish(
             keys=self.keys(order_id),
-            args=[task_id, json.dumps(result) if result else "", self._result_ttl_ms],
+            args=[holder, json.dumps(result) if result else "", self._result_ttl_ms],
         )
         return json.loads(stored) if stored else None
 

@@ -12,8 +12,11 @@ from collections.abc import Iterable
 
 MASK = "[redacted]"
 
-# A card number standing alone: not the tail of a decimal like Celery's "succeeded in 0.0031s".
-_CARD_NUMBER = re.compile(r"(?<![\d.])\d(?:[ -]?\d){12,18}(?![\d.])")
+# 13 to 19 digits standing alone: not the tail of a decimal like Celery's "succeeded in
+# 0.0031s", nor digits glued to letters as in a task id or "ch_a24cb...". Only those that
+# pass the Luhn check, as every card number does, are masked, so an order id such as
+# "ord_20261129000001" stays readable nine times in ten.
+_DIGIT_RUN = re.compile(r"(?<![A-Za-z0-9.])\d(?:[ -]?\d){12,18}(?![A-Za-z0-9.])")
 
 # A secret field written as a Python repr, JSON, JSON inside a string, or a header.
 _FIELD = re.compile(
@@ -35,11 +38,26 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     text = _BYTES.sub(_mask_binary, text)
     text = _FIELD.sub(lambda m: f"{m['name']}{m['sep']}{MASK}", text)
     text = _HEADER.sub(lambda m: f"{m['name']}{m['sep']}{MASK}", text)
-    text = _CARD_NUMBER.sub(MASK, text)
+    text = _DIGIT_RUN.sub(_mask_card_number, text)
     for secret in secrets:
         if secret:
             text = text.replace(secret, MASK)
     return text
+
+
+def _mask_card_number(match: re.Match[str]) -> str:
+    return MASK if luhn_valid(re.sub(r"\D", "", match[0])) else match[0]
+
+
+def luhn_valid(digits: str) -> bool:
+    """Return True if the digits pass the Luhn checksum that card numbers carry."""
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        value = int(char)
+        if position % 2:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return total % 10 == 0
 
 
 def _mask_binary(match: re.Match[str]) -> str:

@@ -35,7 +35,8 @@ def charge(self: ChargeTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Charge an order once, guarded by the breaker of its payment method."""
     request = parse_charge(_arguments(args, kwargs))
     progress = Progress.from_headers(self.request.headers, now=time.time())
-    return ChargeRun(runtime(self.app), self, self.request.id, request, progress).run()
+    holder = f"{self.request.id}:{self.request.retries}"
+    return ChargeRun(runtime(self.app), self, holder, request, progress).run()
 
 
 @shared_task(bind=True, name="breaker.publish_state")
