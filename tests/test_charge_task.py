@@ -1,0 +1,440 @@
+"""The payments.charge task in an embedded worker, on the private Redis and the sandbox."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from celery.result import AsyncResult
+
+from breaker import CircuitBreaker, CircuitState
+from tests.redis_server import free_port
+from workers.charging import Progress
+from workers.errors import ChargeExpired, ChargeFailed, ChargeRejected, ChargeRescheduled
+from workers.runtime import forget, runtime
+from workers.sandbox import SandboxControl
+
+ORDER = "ord_1001"
+CHARGE: dict[str, Any] = {
+    "order_id": ORDER,
+    "amount": 1999,
+    "currency": "usd",
+    "payment_token": "tok_visa",
+}
+RESULT_WAIT = 20.0
+# The worker polls the queue this often (default 1s), and so stops within it.
+QUICK_SHUTDOWN = {"polling_interval": 0.1}
+
+DEFERRED = re.compile(
+    r"Charge (?P<order>\S+) deferred \((?P<why>[^)]*)\) in (?P<countdown>[\d.]+)s "
+    r"\(attempts (?P<attempts>\d+), deferrals (?P<deferrals>\d+)\)"
+)
+RETRYING = re.compile(
+    r"Charge (?P<order>\S+) attempt (?P<attempt>\d+)/(?P<limit>\d+) failed: (?P<why>.*); "
+    r"retrying in (?P<countdown>[\d.]+)s"
+)
+
+
+def wait_until(condition: Callable[[], object], within: float, what: str) -> None:
+    """Poll condition until it holds; fail the test after within seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting, after {within}s, for {what}"
+        time.sleep(0.01)
+
+
+class LogLines(logging.Handler):
+    """Every line logged in this process while a worker runs, as the worker would print it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self._lines: list[str] = []
+        self._guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._guard:
+            self._lines.append(self.format(record))
+
+    def matches(self, pattern: re.Pattern[str]) -> list[re.Match[str]]:
+        """Return the matches of pattern in the lines logged so far, oldest first."""
+        with self._guard:
+            lines = list(self._lines)
+        return [m for line in lines if (m := pattern.search(line))]
+
+    def wait_for(self, pattern: re.Pattern[str], count: int = 1) -> list[re.Match[str]]:
+        """Return the first count matches of pattern, waiting for them to be logged."""
+        wait_until(
+            lambda: len(self.matches(pattern)) >= count, RESULT_WAIT,
+            f"{count} log line(s) like {pattern.pattern!r}",
+        )
+        return self.matches(pattern)[:count]
+
+
+class Worker:
+    """An embedded worker's app, with the log lines it wrote and the card breaker it uses."""
+
+    def __init__(self, app: Celery, logs: LogLines) -> None:
+        self.app = app
+        self.logs = logs
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        # Threads pool: the worker's tasks share this process's runtime, and so this breaker.
+        return runtime(self.app).registry.get("payments.card")
+
+    def charge(self, headers: dict[str, Any] | None = None, **fields: Any) -> AsyncResult:
+        """Enqueue a charge by name, as the web tier does."""
+        return self.app.send_task(
+            "payments.charge", kwargs={**CHARGE, **fields}, headers=headers
+        )
+
+
+@pytest.fixture
+def start(make_app: Callable[..., Celery]) -> Iterator[Callable[..., Worker]]:
+    """Return a function that starts an embedded worker on an app with the given settings."""
+    with ExitStack() as stack:
+
+        def start(**conf: Any) -> Worker:
+            app = make_app(broker_transport_options=QUICK_SHUTDOWN, **conf)
+            stack.callback(forget, app)
+            stack.enter_context(
+                start_worker(
+                    app, pool="threads", concurrency=4, perform_ping_check=False,
+                    loglevel="INFO",
+                )
+            )
+            # A retry, and pytest.raises, leave AsyncResults in reference cycles; collected,
+            # one unsubscribes from the result backend. Collect them while Redis is up: after
+            # the session's redis-server has stopped, that is 20 retries a second apart.
+            stack.callback(gc.collect)
+            # Attached after the worker set up logging, which replaces the root's handlers.
+            logs = LogLines()
+            logging.getLogger().addHandler(logs)
+            stack.callback(logging.getLogger().removeHandler, logs)
+            return Worker(app, logs)
+
+        yield start
+
+
+def ledger_total(sandbox: SandboxControl) -> int:
+    return sandbox.ledger()["requests"]["total"]
+
+
+def test_a_healthy_charge_succeeds_at_the_first_attempt_and_is_charged_once(
+    start: Callable[..., Worker], sandbox: SandboxControl
+) -> None:
+    worker = start()
+
+    result = worker.charge().get(timeout=RESULT_WAIT)
+
+    ledger = sandbox.ledger()
+    assert result == {
+        "order_id": ORDER,
+        "status": "succeeded",
+        "charge_id": ledger["charges"][0]["id"],
+        "attempts": 1,
+        "deferrals": 0,
+    }
+    assert ledger["charges_by_order"] == {ORDER: 1}
+    assert ledger["requests"]["total"] == 1
+
+
+def test_a_declined_card_is_a_declined_result_and_a_breaker_success(
+    start: Callable[..., Worker], sandbox: SandboxControl
+) -> None:
+    worker = start()
+
+    result = worker.charge(payment_token="tok_chargeDeclined").get(timeout=RESULT_WAIT)
+
+    assert result["status"] == "declined"
+    assert result["charge_id"] is None
+    assert (result["attempts"], result["deferrals"]) == (1, 0)
+    assert sandbox.ledger()["charges"] == []
+    snapshot = worker.breaker.snapshot()
+    assert (snapshot["successes"], snapshot["failures"]) == (1, 0)
+
+
+def test_a_refused_request_fails_with_charge_rejected_and_is_no_breaker_failure(
+    start: Callable[..., Worker], sandbox: SandboxControl
+) -> None:
+    worker = start()
+    task = worker.charge(payment_token="tok_reject")
+
+    with pytest.raises(ChargeRejected, match=ORDER):
+        task.get(timeout=RESULT_WAIT)
+
+    assert task.state == "FAILURE"
+    assert ledger_total(sandbox) == 1  # not retried
+    snapshot = worker.breaker.snapshot()
+    assert (snapshot["successes"], snapshot["failures"]) == (1, 0)
+    assert snapshot["state"] == CircuitState.CLOSED
+
+
+def test_an_open_circuit_defers_the_charge_by_its_retry_after_without_calling_the_provider(
+    start: Callable[..., Worker], sandbox: SandboxControl
+) -> None:
+    timeout = 1.0
+    worker = start(breaker_timeout=timeout)
+    opened = time.monotonic()
+    worker.breaker.force_open()
+
+    task = worker.charge()
+    [deferral] = worker.logs.wait_for(DEFERRED)
+    seen = time.monotonic()
+    wait_until(lambda: task.state == "RETRY", RESULT_WAIT, "the task to be in RETRY")
+    assert isinstance(task.info, ChargeRescheduled)
+    assert "deferred (circuit payments.card open)" in str(task.info)
+
+    countdown = float(deferral["countdown"])
+    jitter = max(0.05, 0.1 * timeout)
+    # retry_after when the task asked: the timeout less at most the time since it opened.
+    assert timeout - (seen - opened) - 0.01 <= countdown <= timeout + jitter + 0.001
+    assert deferral["why"] == "circuit payments.card open"
+    assert (deferral["attempts"], deferral["deferrals"]) == ("0", "1")
+    assert ledger_total(sandbox) == 0
+    snapshot = worker.breaker.snapshot()
+    assert snapshot["calls"] == 0
+    assert snapshot["rejected"] == 1
+
+    worker.breaker.reset()
+    result = task.get(timeout=RESULT_WAIT)
+    assert (result["status"], result["attempts"], result["deferrals"]) == ("succeeded", 1, 1)
+    assert sandbox.ledger()["charges_by_order"] == {ORDER: 1}
+
+
+def test_deferrals_do_not_use_up_the_attempts(
+    start: Callable[..., Worker], sandbox: SandboxControl
+) -> None:
+    worker = start(
+        breaker_timeout=0.5,
+        payment_max_attempts=1,
+        breaker_half_open_max_calls=1,
+        breaker_success_threshold=1,
+    )
+    breaker = worker.breaker
+    breaker.force_open()
+    wait_until(lambda: breaker.state is CircuitState.HALF_OPEN, 5, "the circuit to half-open")
+    # The test holds the only probe slot: the charge finds no slot and is deferred each time.
+    probe = breaker.allow()
+
+    task = worker.charge()
+    deferrals = worker.logs.wait_for(DEFERRED, count=3)
+    assert ledger_total(sandbox) == 0
+    probe.success()  # closes the circuit
+
+    result = task.get(timeout=RESULT_WAIT)
+    assert result["status"] == "succeeded"
+    assert result["attempts"] == 1
+    assert result["deferrals"] >= 3
+    assert [d["deferrals"] for d in deferrals] == ["1", "2", "3"]
+    for deferral in deferrals:
+        assert deferral["why"] == "circuit payments.card half_open"
+        assert float(deferral["countdown"]) <= 0.5 + 0.05 + 0.001
+    assert sandbox.ledger()["charges_by_order"] == {ORDER: 1}
+
+
+def test_provider_failures_are_retried_with_exponential_backoff_until_the_charge_succeeds(
+    start: Callable[..., Worker], sandbox: SandboxControl
+) -> None:
+    worker = start(
+        breaker_failure_threshold=5, payment_retry_backoff=0.4, payment_retry_backoff_max=0.8
+    )
+    sandbox.set_faults("down", status=503)
+
+    task = worker.charge()
+    wait_until(lambda: ledger_total(sandbox) == 2, RESULT_WAIT, "two failed attempts")
+    sandbox.set_faults("ok")
+    result = task.get(timeout=RESULT_WAIT)
+
+    assert (result["status"], result["attempts"], result["deferrals"]) == ("succeeded", 3, 0)
+    ledger = sandbox.ledger()
+    assert ledger["requests"]["by_status"] == {"200": 1, "503": 2}
+    assert ledger["charges_by_order"] == {ORDER: 1}
+    first, second = worker.logs.matches(RETRYING)
+    # Equal jitter: attempt n waits between half and all of backoff * 2**(n-1).
+    assert 0.2 <= float(first["countdown"]) <= 0.4
+    assert 0.4 <= float(second["countdown"]) <= 0.8
+    assert first["why"] == "HTTP 503"
+    assert worker.breaker.snapshot()["failures"] == 2
+
+
+def test_through_a_flaky_provider_every_charge_succeeds_once_with_its_attempts_counted(
+    start: Callable[..., Worker], sandbox: SandboxControl
+) -> None:
+    worker = start(breaker_failure_threshold=100, payment_max_attempts=30)
+    sandbox.set_faults("flaky", rate=0.5, seed=3)
+    orders = [f"ord_{n}" for n in range(12)]
+
+    tasks = [worker.charge(order_id=order) for order in orders]
+    results = [task.get(timeout=RESULT_WAIT) for task in tasks]
+
+    ledger = sandbox.ledger()
+    assert [r["status"] for r in results] == ["succeeded"] * len(orders)
+    assert ledger["charges_by_order"] == dict.fromkeys(orders, 1)
+    assert sum(r["attempts"] for r in results) == ledger["requests"]["total"]
+    assert ledger["requests"]["by_status"]["503"] > 0  # some attempts did fail
+
+
+def test_a_provider_that_stays_down_fails_the_charge_after_max_attempts_outcome_unknown(
+    start: Callable[..., Worker], sandbox: SandboxControl
+) -> None:
+    worker = start(breaker_failure_threshold=10, payment_max_attempts=3)
+    sandbox.set_faults("down", status=503)
+
+    task = worker.charge()
+    with pytest.raises(ChargeFailed) as failed:
+        task.get(timeout=RESULT_WAIT)
+
+    message = str(failed.value)
+    assert ORDER in message
+    assert "failed 3 time(s)" in message
+    assert "UNKNOWN" in message
+    assert "Reconcile" in message
+    assert ledger_total(sandbox) == 3
+    assert worker.breaker.snapshot()["failures"] == 3
+
+
+@pytest.mark.parametrize("failure", ["rate limited", "connection refused"])
+def test_failures_that_never_reached_the_provider_say_nothing_was_charged(
+    start: Callable[..., Worker], sandbox: SandboxControl, failure: str
+) -> None:
+    if failure == "rate limited":
+        worker = start(breaker_failure_threshold=10, payment_max_attempts=2)
+        sandbox.set_faults("down", status=429)
+    else:
+        worker = start(
+            breaker_failure_threshold=10,
+            payment_max_attempts=2,
+            payment_provider_url=f"http://127.0.0.1:{free_port()}",
+        )
+
+    with pytest.raises(ChargeFailed) as failed:
+        worker.charge().get(timeout=RESULT_WAIT)
+
+    assert "failed 2 time(s)" in str(failed.value)
+    assert "nothing was charged" in str(failed.value)
+    assert "UNKNOWN" not in str(failed.value)
+    assert sandbox.ledger()["charges"] == []
+
+
+def test_a_charge_not_done_by_its_deadline_expires(
+    start: Callable[..., Worker], sandbox: SandboxControl
+) -> None:
+    # The deadline must exceed the visibility timeout: 2.155s with these settings.
+    worker = start(
+        payment_charge_deadline=2.5, payment_provider_timeout=0.5, payment_max_attempts=100
+    )
+    sandbox.set_faults("down", status=429)
+
+    with pytest.raises(ChargeExpired) as expired:
+        worker.charge().get(timeout=RESULT_WAIT)
+
+    assert "not charged within 2.5s" in str(expired.value)
+    assert "no attempt reached the provider" in str(expired.value)
+    assert ledger_total(sandbox) >= 1
+    assert sandbox.ledger()["charges"] == []
+
+
+# With breaker_timeout 1.5 and payment_provider_timeout 0.5 the visibility timeout is 3.365s.
+DEADLINE_SETTINGS: dict[str, Any] = {
+    "breaker_timeout": 1.5,
+    "breaker_failure_threshold": 1,
+    "payment_provider_timeout": 0.5,
+    "payment_charge_deadline": 3.5,
+    "payment_max_attempts": 100,
+}
+
+
+def late_charge(worker: Worker, seconds_left: float) -> AsyncResult:
+    """Enqueue a charge first received long ago, as a reschedule would carry it."""
+    first_received = time.time() - DEADLINE_SETTINGS["payment_charge_deadline"] + seconds_left
+    return worker.charge(headers=Progress(first_received=first_received).headers())
+
+
+def test_at_the_deadline_a_lost_answer_is_replayed_and_returns_the_stored_success(
+    start: Callable[..., Worker], sandbox: SandboxControl
+) -> None:
+    worker = start(**DEADLINE_SETTINGS)
+    sandbox.set_faults("lost_response")  # charges, then answers 503
+
+    # The lost answer opens the circuit for longer than the charge has left: the charge
+    # is deferred to its deadline.
+    task = late_charge(worker, seconds_left=1.2)
+    [deferral] = worker.logs.wait_for(DEFERRED)
+    assert float(deferral["countdown"]) <= 1.2
+    sandbox.set_faults("ok")
+    worker.breaker.reset()
+
+    result = task.get(timeout=RESULT_WAIT)
+    ledger = sandbox.ledger()
+    assert result["status"] == "succeeded"
+    assert result["charge_id"] == ledger["charges"][0]["id"]
+    assert (result["attempts"], result["deferrals"]) == (2, 1)
+    assert ledger["charges_by_order"] == {ORDER: 1}
+    assert ledger["requests"]["by_status"] == {"200": 1, "503": 1}
+
+
+@pytest.mark.parametrize("at_the_deadline", ["circuit still open", "answer lost again"])
+def test_at_the_deadline_an_unconfirmed_charge_expires_saying_the_outcome_is_unknown(
+    start: Callable[..., Worker], sandbox: SandboxControl, at_the_deadline: str
+) -> None:
+    worker = start(**DEADLINE_SETTINGS)
+    sandbox.set_faults("lost_response")
+
+    task = late_charge(worker, seconds_left=1.2)
+    worker.logs.wait_for(DEFERRED)
+    if at_the_deadline == "answer lost again":
+        worker.breaker.reset()
+
+    with pytest.raises(ChargeExpired) as expired:
+        task.get(timeout=RESULT_WAIT)
+
+    assert "UNKNOWN" in str(expired.value)
+    assert f"Reconcile order {ORDER}" in str(expired.value)
+    ledger = sandbox.ledger()
+    assert ledger["charges_by_order"] == {ORDER: 1}
+    expected_requests = 1 if at_the_deadline == "circuit still open" else 2
+    assert ledger["requests"]["total"] == expected_requests
+
+
+def test_every_attempt_carries_the_same_idempotency_key(
+    start: Callable[..., Worker], sandbox: SandboxControl
+) -> None:
+    worker = start(breaker_failure_threshold=10)
+    sandbox.set_faults("lost_response")
+
+    task = worker.charge()
+    wait_until(lambda: ledger_total(sandbox) >= 2, RESULT_WAIT, "two lost answers")
+    sandbox.set_faults("ok")
+    result = task.get(timeout=RESULT_WAIT)
+
+    ledger = sandbox.ledger()
+    # A new key would have made a second charge; the same key replays the first one.
+    assert ledger["charges_by_order"] == {ORDER: 1}
+    assert result["charge_id"] == ledger["charges"][0]["id"]
+    assert result["attempts"] == ledger["requests"]["total"] >= 3
+
+
+def test_an_order_that_already_succeeded_is_never_charged_again(
+    start: Callable[..., Worker], sandbox: SandboxControl
+) -> None:
+    worker = start()
+    first = worker.charge().get(timeout=RESULT_WAIT)
+
+    again = worker.charge(
+        payment_token="tok_mastercard", idempotency_key="another_key"
+    ).get(timeout=RESULT_WAIT)
+
+    assert again == first
+    assert sandbox.ledger()["charges_by_order"] == {ORDER: 1}
+    assert ledger_total(sandbox) == 1

@@ -1,0 +1,265 @@
+"""No payment token, idempotency key, card number or API key reaches a log line."""
+
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import pickle
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from celery import Celery, signals
+from celery.contrib.testing.worker import start_worker
+
+from workers import redaction
+from workers.redaction import MASK, RedactingFilter
+from workers.runtime import forget
+from workers.sandbox import SandboxControl
+
+TOKEN = "tok_live_s3cr3tvalue"
+KEY = "idem_s3cr3tkey"
+API_KEY = "sk_live_apikey9000"
+CARD = "4242 4242 4242 4242"
+SECRETS = (TOKEN, KEY, API_KEY, "s3cr3t", "4242")
+CHARGE_FIELDS: dict[str, Any] = {
+    "order_id": "ord_1001",
+    "amount": 1999,
+    "currency": "usd",
+    "payment_token": TOKEN,
+    "idempotency_key": KEY,
+}
+
+
+@pytest.fixture
+def log() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """Return a logger whose handler carries the redacting filter, and what it wrote."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger(f"test.redaction.{uuid.uuid4().hex}")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    redaction.install(logger, secrets=[API_KEY])
+    yield logger, out
+    logger.removeHandler(handler)
+
+
+def leaks(text: str) -> list[str]:
+    return [secret for secret in SECRETS if secret in text]
+
+
+@pytest.mark.parametrize(
+    ("message", "args"),
+    [
+        ("charging %r", ({"order_id": "ord_1", "payment_token": TOKEN},)),
+        ("charging %r", ({"idempotency_key": KEY},)),
+        ("body %s", ('{"payment_token": "' + TOKEN + '", "idempotency_key": "' + KEY + '"}',)),
+        ("kwargsrepr %r", ('{"payment_token": "' + TOKEN + '"}',)),
+        ("payment_token=%s idempotency_key=%s", (TOKEN, KEY)),
+        ("provider body %s", ('{"source": "' + TOKEN + '"}',)),
+        ("headers %r", ({"Authorization": f"Bearer {API_KEY}", "Idempotency-Key": KEY},)),
+        ("Authorization: Bearer %s", (API_KEY,)),
+        ("Idempotency-Key: %s", (KEY,)),
+        ("card %s", (CARD,)),
+        ("card %s", ("4242-4242-4242-4242",)),
+        ("card %s", ("4242424242424242",)),
+        ("token %s", ("tok_4242424242424242",)),
+        ("configured with %s", (API_KEY,)),
+        ("body was:\n%s (183b)", (repr(pickle.dumps(CHARGE_FIELDS)),)),
+        ("body was:\n%s (183b)", (repr(pickle.dumps(CHARGE_FIELDS, protocol=0)),)),
+        ("body was:\n%s... (4096b)", (repr(pickle.dumps(CHARGE_FIELDS))[:-1],)),  # cut short
+    ],
+)
+def test_secrets_in_a_message_are_masked(
+    log: tuple[logging.Logger, io.StringIO], message: str, args: tuple[Any, ...]
+) -> None:
+    logger, out = log
+    logger.info(message, *args)
+    written = out.getvalue()
+    assert leaks(written) == []
+    assert MASK in written
+
+
+def test_secrets_in_a_traceback_are_masked(log: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, out = log
+    try:
+        raise RuntimeError(f"charge failed for payment_token={TOKEN} card {CARD} key {API_KEY}")
+    except RuntimeError:
+        logger.exception("charge %s failed", "ord_1")
+
+    written = out.getvalue()
+    assert "Traceback (most recent call last)" in written
+    assert "RuntimeError" in written
+    assert leaks(written) == []
+
+
+def test_secrets_in_stack_info_are_masked(log: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, out = log
+    payment_token = TOKEN  # noqa: F841  (a local in the frame: not shown by stack_info)
+    logger.info("payment_token=%s", TOKEN, stack_info=True)
+    written = out.getvalue()
+    assert "Stack (most recent call last)" in written
+    assert leaks(written) == []
+
+
+def test_what_is_not_secret_is_kept(log: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, out = log
+    line = (
+        "Task payments.charge[abc] succeeded in 0.0031234567890123s: "
+        "{'order_id': 'ord_1001', 'amount': 1999, 'charge_id': 'ch_42'}"
+    )
+    logger.info(line)
+    assert out.getvalue().strip() == f"INFO {line}"
+
+
+def test_a_broken_format_string_is_still_logged_and_masked(
+    log: tuple[logging.Logger, io.StringIO],
+) -> None:
+    logger, out = log
+    logger.info("payment_token=%s idempotency_key=%s", TOKEN)  # one argument short
+    written = out.getvalue()
+    assert "payment_token" in written
+    assert leaks(written) == []
+
+
+def test_installing_twice_leaves_one_filter_per_handler() -> None:
+    logger = logging.getLogger(f"test.redaction.{uuid.uuid4().hex}")
+    handler = logging.NullHandler()
+    logger.addHandler(handler)
+    redaction.install(logger)
+    redaction.install(logger, secrets=[API_KEY])
+    filters = [f for f in handler.filters if isinstance(f, RedactingFilter)]
+    assert len(filters) == 1
+    assert filters[0].secrets == (API_KEY,)
+
+
+def test_the_worker_log_setup_installs_the_filter_with_the_api_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PAYMENT_PROVIDER_API_KEY", API_KEY)
+    logger = logging.getLogger(f"test.redaction.{uuid.uuid4().hex}")
+    out = io.StringIO()
+    logger.addHandler(logging.StreamHandler(out))
+    logger.propagate = False
+
+    # What Celery sends once it has set up the worker's logging.
+    signals.after_setup_logger.send(sender=None, logger=logger, loglevel=logging.INFO,
+                                    logfile=None, format="", colorize=False)
+    logger.warning("key %s, payment_token=%s", API_KEY, TOKEN)
+
+    assert leaks(out.getvalue()) == []
+
+
+# Through a worker: Celery's own lines, its dumps of refused messages included.
+
+
+class Captured(logging.Handler):
+    """Every line that reaches the root logger's handlers, formatted with its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self._lines: list[str] = []
+        self._guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._guard:
+            self._lines.append(self.format(record))
+
+    @property
+    def text(self) -> str:
+        with self._guard:
+            return "\n".join(self._lines)
+
+
+@pytest.fixture
+def worker_log(make_app: Callable[..., Celery]) -> Iterator[tuple[Celery, Captured]]:
+    """Start a worker and return its app and the lines logged while it runs."""
+    app = make_app(broker_transport_options={"polling_interval": 0.1})
+    with start_worker(
+        app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="INFO"
+    ):
+        root = logging.getLogger()
+        captured = Captured()
+        root.addHandler(captured)
+        # The worker installs the filter from Celery's after_setup_logger signal, which an
+        # embedded worker may not send: install it as the worker would, on every root handler.
+        redaction.install(root, secrets=[API_KEY])
+        try:
+            yield app, captured
+        finally:
+            root.removeHandler(captured)
+            # Result objects left in cycles unsubscribe when collected: do it while Redis
+            # is up, not after the session's redis-server has stopped (20 retries at exit).
+            gc.collect()
+    forget(app)
+
+
+def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:
+    """Poll condition until it holds; fail the test after within seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting, after {within}s, for {what}"
+        time.sleep(0.01)
+
+
+def publish_raw(app: Celery, body: bytes, content_type: str) -> None:
+    """Publish a payments.charge message with a body the worker must refuse."""
+    task_id = str(uuid.uuid4())
+    headers = {"lang": "py", "task": "payments.charge", "id": task_id, "root_id": task_id}
+    with app.connection_for_write() as connection:
+        connection.Producer().publish(
+            body, routing_key="celery", content_type=content_type,
+            content_encoding="binary", headers=headers,
+        )
+
+
+def test_a_refused_pickle_message_leaves_no_token_in_the_worker_log(
+    worker_log: tuple[Celery, Captured],
+) -> None:
+    app, captured = worker_log
+
+    app.send_task("payments.charge", kwargs=CHARGE_FIELDS, serializer="pickle")
+    body = ((), CHARGE_FIELDS, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+    publish_raw(app, pickle.dumps(body, protocol=0), "application/x-python-serialize")
+
+    wait_until(
+        lambda: captured.text.count("Received invalid task message") == 2, 20,
+        "the worker to refuse both messages",
+    )
+    assert "untrusted content of type pickle" in captured.text
+    assert leaks(captured.text) == []
+
+
+def test_an_unregistered_task_dump_leaves_no_token_in_the_worker_log(
+    worker_log: tuple[Celery, Captured],
+) -> None:
+    app, captured = worker_log
+
+    app.send_task("payments.refund", kwargs=CHARGE_FIELDS)
+
+    wait_until(
+        lambda: "The full contents of the message headers" in captured.text, 20,
+        "the worker to refuse the message",
+    )
+    assert "ord_1001" in captured.text  # the dump is there, only its secrets are masked
+    assert leaks(captured.text) == []
+
+
+def test_a_charge_leaves_no_token_in_the_worker_log(
+    worker_log: tuple[Celery, Captured], sandbox: SandboxControl
+) -> None:
+    app, captured = worker_log
+
+    result = app.send_task("payments.charge", kwargs=CHARGE_FIELDS).get(timeout=20)
+
+    assert result["status"] == "succeeded"
+    wait_until(lambda: "succeeded in" in captured.text, 20, "the worker's success line")
+    assert "Charge ord_1001 succeeded" in captured.text
+    assert leaks(captured.text) == []
