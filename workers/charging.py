@@ -109,6 +109,14 @@ class ChargeRun:
         order = self._begin(permit)
         if order is not None:
             return order
+        try:
+            answer = self._call_provider(permit)
+        except ProviderFailure as failure:
+            self._after_failure(failure)
+        return self._settled(answer)
+
+    def _call_provider(self, permit: Permit) -> ProviderAnswer:
+        """Make one attempt and report it on the breaker; raise ProviderFailure if no answer."""
         self.progress = replace(self.progress, attempts=self.progress.attempts + 1)
         try:
             answer = self.rt.provider.charge(self.charge, self.charge.idempotency_key)
@@ -124,9 +132,9 @@ class ChargeRun:
             failure = _as_failure(exc)
             permit.failure(failure)
             self._finish(None)
-            self._after_failure(failure)
+            raise failure from None
         permit.success()
-        return self._settled(answer)
+        return answer
 
     def _begin(self, permit: Permit | None) -> dict[str, Any] | None:
         """Take the order; return its earlier result if it already succeeded."""
@@ -239,25 +247,14 @@ class ChargeRun:
                 f"{self.settings.payment_charge_deadline:g}s passed while circuit "
                 f"{self.breaker.name} refused calls." + self._unknown_note()
             ) from None
-        self.progress = replace(self.progress, attempts=self.progress.attempts + 1)
         try:
-            answer = self.rt.provider.charge(self.charge, self.charge.idempotency_key)
-        except ProviderRejection as exc:
-            permit.success()
-            self._finish(None)
-            raise ChargeRejected(
-                f"order {self.charge.order_id}: the provider refused the charge ({exc})"
-            ) from None
-        except Exception as exc:
-            failure = _as_failure(exc)
-            permit.failure(failure)
-            self._finish(None)
+            answer = self._call_provider(permit)
+        except ProviderFailure as failure:
             raise ChargeExpired(
                 f"order {self.charge.order_id}: deadline of "
                 f"{self.settings.payment_charge_deadline:g}s passed and the provider could not "
                 f"confirm ({failure.reason})." + self._unknown_note()
             ) from None
-        permit.success()
         return self._settled(answer)
 
     def _unknown_note(self) -> str:
