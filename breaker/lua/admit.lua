@@ -6,9 +6,9 @@ if c.state == 'closed' then
   return reply(1)
 end
 if c.state == 'half_open' then
-  redis.call('ZREMRANGEBYSCORE', P, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', P, '-inf', now())
   if redis.call('ZCARD', P) < HALF_OPEN_MAX then
-    redis.call('ZADD', P, now + LEASE, lease_id)
+    redis.call('ZADD', P, now() + LEASE, lease_id)
     redis.call('PEXPIRE', P, TTL)
     return reply(1)
   end

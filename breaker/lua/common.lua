@@ -22,20 +22,28 @@ local LEASE = tonumber(ARGV[5])
 local TTL = tonumber(ARGV[6])
 local HALF_OPEN_RETRY = math.min(1000, TIMEOUT)
 
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+-- The server's clock in ms, read once and only when the operation needs it: recording a
+-- success in CLOSED, the common case, does not.
+local now_ms
+local function now()
+  if not now_ms then
+    local clock = redis.call('TIME')
+    now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  end
+  return now_ms
+end
 
 local f = redis.call('HMGET', H, 'state', 'gen', 'fc', 'sc', 'opened_at', 'since')
 local c = {state = f[1], gen = tonumber(f[2]), fc = tonumber(f[3]) or 0,
-           sc = tonumber(f[4]) or 0, opened_at = tonumber(f[5]) or 0, since = tonumber(f[6]) or now}
+           sc = tonumber(f[4]) or 0, opened_at = tonumber(f[5]) or 0, since = tonumber(f[6]) or 0}
 local events = {}
 
 if not c.state then
   -- A circuit created again after its keys expired starts from a generation that no
   -- ticket handed out before can carry.
-  c.state, c.gen, c.since = 'closed', now, now
-  redis.call('HSET', H, 'state', 'closed', 'gen', now, 'fc', 0, 'sc', 0, 'since', now,
-             'created', now)
+  c.state, c.gen, c.since = 'closed', now(), now()
+  redis.call('HSET', H, 'state', 'closed', 'gen', now(), 'fc', 0, 'sc', 0, 'since', now(),
+             'created', now())
   -- Here and not only in reply(): read creates the hash too but never calls reply().
   redis.call('PEXPIRE', H, TTL)
 end
@@ -62,15 +70,15 @@ end
 
 -- OPEN becomes HALF_OPEN lazily, dated when the timeout ran out rather than when noticed.
 local function expire_open()
-  if c.state == 'open' and now >= c.opened_at + TIMEOUT then
+  if c.state == 'open' and now() >= c.opened_at + TIMEOUT then
     move('half_open', c.opened_at + TIMEOUT, 'timeout')
   end
 end
 
 local function retry_after()
-  if c.state == 'open' then return c.opened_at + TIMEOUT - now end
+  if c.state == 'open' then return c.opened_at + TIMEOUT - now() end
   if c.state == 'half_open' then
-    redis.call('ZREMRANGEBYSCORE', P, '-inf', now)
+    redis.call('ZREMRANGEBYSCORE', P, '-inf', now())
     if redis.call('ZCARD', P) >= HALF_OPEN_MAX then return HALF_OPEN_RETRY end
   end
   return 0

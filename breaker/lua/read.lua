@@ -12,20 +12,20 @@ for _, s in ipairs({'closed', 'open', 'half_open'}) do
   secs[s] = tonumber(t['secs:' .. s]) or 0
   t['secs:' .. s] = nil
 end
-local expired = state == 'open' and now >= c.opened_at + TIMEOUT
+local expired = state == 'open' and now() >= c.opened_at + TIMEOUT
 if expired then
   secs.open = secs.open + math.max(0, c.opened_at + TIMEOUT - since)
   state, fc, sc, since = 'half_open', 0, 0, c.opened_at + TIMEOUT
   t['tr:open->half_open'] = (tonumber(t['tr:open->half_open']) or 0) + 1
 end
-secs[state] = secs[state] + math.max(0, now - since)
+secs[state] = secs[state] + math.max(0, now() - since)
 local retry = 0
 if state == 'open' then
-  retry = c.opened_at + TIMEOUT - now
+  retry = c.opened_at + TIMEOUT - now()
 elseif state == 'half_open' and not expired then
-  if redis.call('ZCOUNT', P, '(' .. now, '+inf') >= HALF_OPEN_MAX then retry = HALF_OPEN_RETRY end
+  if redis.call('ZCOUNT', P, '(' .. now(), '+inf') >= HALF_OPEN_MAX then retry = HALF_OPEN_RETRY end
 end
-local r = {state, fc, sc, retry, c.opened_at, now}
+local r = {state, fc, sc, retry, c.opened_at, now()}
 for k, v in pairs(t) do
   table.insert(r, k); table.insert(r, v)
 end

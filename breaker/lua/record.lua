@@ -13,7 +13,7 @@ if c.state == 'closed' then
   if outcome == 1 then
     c.fc = c.fc + 1
     if c.fc >= FAILURE_THRESHOLD then
-      move('open', now, 'failures')
+      move('open', now(), 'failures')
     else
       redis.call('HSET', H, 'fc', c.fc)
     end
@@ -24,12 +24,12 @@ if c.state == 'closed' then
 elseif c.state == 'half_open' then
   if outcome == 1 then
     redis.call('HINCRBY', H, 'half_open_failures', 1)
-    move('open', now, 'probe_failed')
+    move('open', now(), 'probe_failed')
   else
     redis.call('HINCRBY', H, 'half_open_successes', 1)
     c.sc = c.sc + 1
     if c.sc >= SUCCESS_THRESHOLD then
-      move('closed', now, 'recovered')
+      move('closed', now(), 'recovered')
     else
       redis.call('HSET', H, 'sc', c.sc)
     end

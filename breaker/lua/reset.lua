@@ -2,7 +2,7 @@
 -- A new generation, so calls admitted before the reset cannot count against it.
 expire_open()
 if c.state ~= 'closed' then
-  move('closed', now, 'reset')
+  move('closed', now(), 'reset')
 else
   c.gen, c.fc, c.sc = c.gen + 1, 0, 0
   redis.call('HSET', H, 'gen', c.gen, 'fc', 0, 'sc', 0)
