@@ -81,6 +81,10 @@ def _redact_logs(logger: logging.Logger, **_: Any) -> None:
     redaction.install(logger, secrets=[os.environ.get("PAYMENT_PROVIDER_API_KEY", "")])
 
 
+# `celery -A workers flower` listens on 127.0.0.1 unless told otherwise (Flower's own default
+# is every interface); FLOWER_ADDRESS or --address still choose.
+os.environ.setdefault("FLOWER_ADDRESS", "127.0.0.1")
+
 try:
     app = create_app(
         broker_url=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
