@@ -33,6 +33,11 @@ UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadO
 # generations are server timestamps in milliseconds, always positive.
 
 
+# How long a process refuses calls on its own while all probe slots are taken, before it
+# asks Redis again: a refused caller still gets the server's retry_after.
+HALF_OPEN_LOCAL_REFUSAL_SECONDS = 0.05
+
+
 def _load_scripts() -> dict[str, str]:
     folder = resources.files("breaker") / "lua"
     common = (folder / "common.lua").read_text()
@@ -212,22 +217,24 @@ class RedisCircuit:
         self._pending_rejected = 0
         self._pending_lock = threading.Lock()
         # What the server last said: (state, generation, failure count, act on it until,
-        # refuse locally until), times in time.monotonic. One tuple, replaced whole, so a
-        # thread never reads one answer's state with another answer's generation.
-        self._cache: tuple[CircuitState, int, int, float, float] = (CLOSED, 0, 0, 0.0, 0.0)
+        # refuse locally until, retry_after ends at), times in time.monotonic. One tuple,
+        # replaced whole, so a thread never reads one answer's state with another's generation.
+        self._cache: tuple[CircuitState, int, int, float, float, float] = (
+            CLOSED, 0, 0, 0.0, 0.0, 0.0
+        )
 
     def admit(self) -> Ticket:
         """Admit a call or raise CircuitBreakerOpenError, asking Redis only when needed."""
         now = time.monotonic()
         store = self._store
-        state, gen, fc, fresh_until, refuse_until = self._cache
+        state, gen, fc, fresh_until, refuse_until, retry_at = self._cache
         if now < fresh_until and not store.degraded:
             if state is CLOSED and not fc:
                 return (gen, None)
             if now < refuse_until:
                 with self._pending_lock:
                     self._pending_rejected += 1
-                raise CircuitBreakerOpenError(self._name, state, refuse_until - now)
+                raise CircuitBreakerOpenError(self._name, state, retry_at - now)
         if not store.use_redis():
             return self._fallback_admit()
         lease = store.next_lease()
@@ -331,13 +338,21 @@ class RedisCircuit:
         """Cache what the server said and log the transitions this call made."""
         now = time.monotonic()
         status, state, gen, fc, _sc, retry_ms = reply[:6]
+        circuit_state = CircuitState(_text(state))
         # retry_after is 0 whenever a call may be made, so it doubles as "refuse locally until".
+        retry_after = int(retry_ms) / 1000
+        refuse_for = retry_after
+        if circuit_state is HALF_OPEN:
+            # Probes answer in milliseconds: refusing locally for the whole retry_after would
+            # turn away every call of the next second although the circuit closed long since.
+            refuse_for = min(retry_after, HALF_OPEN_LOCAL_REFUSAL_SECONDS)
         self._cache = (
-            CircuitState(_text(state)),
+            circuit_state,
             int(gen),
             int(fc),
             now + self._store.staleness,
-            now + int(retry_ms) / 1000,
+            now + refuse_for,
+            now + retry_after,
         )
         events = reply[6:]
         for i in range(0, len(events), 4):

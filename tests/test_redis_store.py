@@ -323,6 +323,39 @@ def test_half_open_probe_limit_holds_across_processes(
         assert cb.state is CLOSED
 
 
+def test_process_refused_a_probe_slot_asks_again_soon_but_is_told_the_servers_wait(
+    stores: Callable[..., RedisStore], redis_client: redis.Redis
+) -> None:
+    # Default staleness (1 s): the refused process keeps its cache, yet must not refuse from
+    # it for the whole second once the probes have closed the circuit.
+    prober = breaker_on(stores(), failure_threshold=1, timeout_seconds=2.0)
+    fail(prober)
+    wait_server_ms(redis_client, 2000)
+    probes = [prober.allow(), prober.allow()]
+    waiter = breaker_on(stores(), failure_threshold=1, timeout_seconds=2.0)
+
+    with pytest.raises(CircuitBreakerOpenError) as refused:
+        waiter.allow()
+    assert refused.value.state is HALF_OPEN
+    assert refused.value.retry_after == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(CircuitBreakerOpenError) as refused_from_cache:
+        waiter.allow()
+    assert 0.5 < refused_from_cache.value.retry_after <= 1.0
+
+    for permit in probes:
+        permit.success()
+    # Well inside the 1 s a cached refusal used to last.
+    wait_until(lambda: _admits(waiter), 0.8, "the waiting process to see the circuit closed")
+
+
+def _admits(cb: CircuitBreaker) -> bool:
+    try:
+        cb.allow().release()
+    except CircuitBreakerOpenError:
+        return False
+    return True
+
+
 def test_transition_is_logged_once_by_the_process_that_made_it(
     stores: Callable[..., RedisStore],
     redis_client: redis.Redis,

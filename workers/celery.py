@@ -52,7 +52,6 @@ def configure(app: Celery) -> Settings:
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_track_started=True,
-        result_extended=True,
         broker_connection_retry_on_startup=True,
         beat_schedule={
             "breaker.publish_state": {
