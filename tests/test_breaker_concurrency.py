@@ -26,6 +26,7 @@ from breaker import (
     MemoryStore,
     RedisStore,
 )
+from tests.waiting import wait_until
 
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 
@@ -47,13 +48,6 @@ class Interrupted(BaseException):
 def not_declined(exc: BaseException) -> bool:
     return not isinstance(exc, Declined)
 
-
-def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:
-    """Poll condition until it holds; fail the test after within seconds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"still waiting, after {within}s, for {what}"
-        time.sleep(0.02)
 
 
 # --- Threads ------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -18,6 +17,7 @@ from celery.result import AsyncResult
 
 from breaker import CircuitBreaker, CircuitState
 from tests.redis_server import free_port
+from tests.waiting import LogLines, wait_until
 from workers.charging import Progress
 from workers.errors import ChargeExpired, ChargeFailed, ChargeRejected, ChargeRescheduled
 from workers.runtime import forget, runtime
@@ -44,40 +44,6 @@ RETRYING = re.compile(
 )
 
 
-def wait_until(condition: Callable[[], object], within: float, what: str) -> None:
-    """Poll condition until it holds; fail the test after within seconds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"still waiting, after {within}s, for {what}"
-        time.sleep(0.01)
-
-
-class LogLines(logging.Handler):
-    """Every line logged in this process while a worker runs, as the worker would print it."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        self._lines: list[str] = []
-        self._guard = threading.Lock()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._guard:
-            self._lines.append(self.format(record))
-
-    def matches(self, pattern: re.Pattern[str]) -> list[re.Match[str]]:
-        """Return the matches of pattern in the lines logged so far, oldest first."""
-        with self._guard:
-            lines = list(self._lines)
-        return [m for line in lines if (m := pattern.search(line))]
-
-    def wait_for(self, pattern: re.Pattern[str], count: int = 1) -> list[re.Match[str]]:
-        """Return the first count matches of pattern, waiting for them to be logged."""
-        wait_until(
-            lambda: len(self.matches(pattern)) >= count, RESULT_WAIT,
-            f"{count} log line(s) like {pattern.pattern!r}",
-        )
-        return self.matches(pattern)[:count]
 
 
 class Worker:
@@ -118,7 +84,7 @@ def start(make_app: Callable[..., Celery]) -> Iterator[Callable[..., Worker]]:
             # the session's redis-server has stopped, that is 20 retries a second apart.
             stack.callback(gc.collect)
             # Attached after the worker set up logging, which replaces the root's handlers.
-            logs = LogLines()
+            logs = LogLines(logging.INFO)
             logging.getLogger().addHandler(logs)
             stack.callback(logging.getLogger().removeHandler, logs)
             return Worker(app, logs)

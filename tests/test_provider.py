@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.redis_server import free_port
+from tests.waiting import wait_until
 from workers.config import Settings
 from workers.provider import (
     HttpProvider,
@@ -60,13 +60,6 @@ def provider(
 ) -> HttpProvider:
     return connect(sandbox_server.url)
 
-
-def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:
-    """Poll condition until it holds; fail the test after within seconds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"still waiting, after {within}s, for {what}"
-        time.sleep(0.01)
 
 
 def test_a_charge_the_provider_accepts_is_a_succeeded_answer(

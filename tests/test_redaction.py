@@ -6,8 +6,6 @@ import gc
 import io
 import logging
 import pickle
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,6 +14,7 @@ import pytest
 from celery import Celery, signals
 from celery.contrib.testing.worker import start_worker
 
+from tests.waiting import LogLines, wait_until
 from workers import redaction
 from workers.redaction import MASK, RedactingFilter
 from workers.runtime import forget
@@ -159,34 +158,16 @@ def test_the_worker_log_setup_installs_the_filter_with_the_api_key(
 # Through a worker: Celery's own lines, its dumps of refused messages included.
 
 
-class Captured(logging.Handler):
-    """Every line that reaches the root logger's handlers, formatted with its traceback."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        self._lines: list[str] = []
-        self._guard = threading.Lock()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._guard:
-            self._lines.append(self.format(record))
-
-    @property
-    def text(self) -> str:
-        with self._guard:
-            return "\n".join(self._lines)
-
 
 @pytest.fixture
-def worker_log(make_app: Callable[..., Celery]) -> Iterator[tuple[Celery, Captured]]:
+def worker_log(make_app: Callable[..., Celery]) -> Iterator[tuple[Celery, LogLines]]:
     """Start a worker and return its app and the lines logged while it runs."""
     app = make_app(broker_transport_options={"polling_interval": 0.1})
     with start_worker(
         app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="INFO"
     ):
         root = logging.getLogger()
-        captured = Captured()
+        captured = LogLines()
         root.addHandler(captured)
         # The worker installs the filter from Celery's after_setup_logger signal, which an
         # embedded worker may not send: install it as the worker would, on every root handler.
@@ -201,13 +182,6 @@ def worker_log(make_app: Callable[..., Celery]) -> Iterator[tuple[Celery, Captur
     forget(app)
 
 
-def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:
-    """Poll condition until it holds; fail the test after within seconds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"still waiting, after {within}s, for {what}"
-        time.sleep(0.01)
-
 
 def publish_raw(app: Celery, body: bytes, content_type: str) -> None:
     """Publish a payments.charge message with a body the worker must refuse."""
@@ -221,7 +195,7 @@ def publish_raw(app: Celery, body: bytes, content_type: str) -> None:
 
 
 def test_a_refused_pickle_message_leaves_no_token_in_the_worker_log(
-    worker_log: tuple[Celery, Captured],
+    worker_log: tuple[Celery, LogLines],
 ) -> None:
     app, captured = worker_log
 
@@ -238,7 +212,7 @@ def test_a_refused_pickle_message_leaves_no_token_in_the_worker_log(
 
 
 def test_an_unregistered_task_dump_leaves_no_token_in_the_worker_log(
-    worker_log: tuple[Celery, Captured],
+    worker_log: tuple[Celery, LogLines],
 ) -> None:
     app, captured = worker_log
 
@@ -253,7 +227,7 @@ def test_an_unregistered_task_dump_leaves_no_token_in_the_worker_log(
 
 
 def test_a_charge_leaves_no_token_in_the_worker_log(
-    worker_log: tuple[Celery, Captured], sandbox: SandboxControl
+    worker_log: tuple[Celery, LogLines], sandbox: SandboxControl
 ) -> None:
     app, captured = worker_log
 

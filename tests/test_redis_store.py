@@ -15,6 +15,7 @@ from redis.crc import key_slot
 
 from breaker import CircuitBreaker, CircuitBreakerOpenError, CircuitState, RedisStore
 from tests.redis_server import RedisServer
+from tests.waiting import wait_until
 
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 
@@ -40,13 +41,6 @@ def fail(cb: CircuitBreaker, times: int = 1) -> None:
         with pytest.raises(ProviderDown):
             cb.call(down)
 
-
-def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:
-    """Poll condition until it holds; fail the test after within seconds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"still waiting, after {within}s, for {what}"
-        time.sleep(0.01)
 
 
 def server_ms(client: redis.Redis) -> int:

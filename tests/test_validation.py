@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
+from tests.waiting import LogLines, wait_until
 from workers.errors import InvalidCharge
 from workers.runtime import forget, runtime
 from workers.sandbox import SandboxControl
@@ -195,23 +195,6 @@ def app(make_app: Callable[..., Celery]) -> Iterator[Celery]:
     forget(app)
 
 
-def wait_until(condition: Callable[[], bool], within: float) -> None:
-    """Poll condition until it holds; fail the test after within seconds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"condition still false after {within}s"
-        time.sleep(0.01)
-
-
-class Lines(logging.Handler):
-    """Collect the formatted lines logged while the worker runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(logging.Formatter().format(record))
 
 
 @pytest.mark.parametrize(
@@ -226,7 +209,7 @@ class Lines(logging.Handler):
 def test_an_invalid_charge_fails_at_once_without_a_provider_call_or_a_breaker_record(
     app: Celery, sandbox: SandboxControl, arguments: dict[str, Any], field: str
 ) -> None:
-    lines = Lines()
+    lines = LogLines()
     logging.getLogger().addHandler(lines)
     try:
         task = app.send_task("payments.charge", kwargs=arguments)
