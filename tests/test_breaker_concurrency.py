@@ -26,6 +26,7 @@ from breaker import (
     MemoryStore,
     RedisStore,
 )
+from tests.dependencies import Declined, Interrupted, ProviderDown, not_declined
 from tests.waiting import wait_until
 
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
@@ -33,20 +34,8 @@ CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.H
 NAME = "payments.card"
 
 
-class ProviderDown(Exception):
-    """A failure."""
 
 
-class Declined(Exception):
-    """Excluded by is_failure: counts as a success."""
-
-
-class Interrupted(BaseException):
-    """The call ended without an answer: counts as nothing."""
-
-
-def not_declined(exc: BaseException) -> bool:
-    return not isinstance(exc, Declined)
 
 
 

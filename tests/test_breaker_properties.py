@@ -25,24 +25,13 @@ from breaker import (
     Permit,
     RedisStore,
 )
+from tests.dependencies import Declined, Interrupted, ProviderDown, not_declined
 
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 
 
-class ProviderDown(Exception):
-    """A failure."""
 
 
-class Declined(Exception):
-    """Excluded by is_failure: counts as a success."""
-
-
-class Interrupted(BaseException):
-    """The call ended without an answer: counts as nothing."""
-
-
-def not_declined(exc: BaseException) -> bool:
-    return not isinstance(exc, Declined)
 
 
 @dataclass

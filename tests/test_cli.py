@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 import workers.tasks  # noqa: F401  (registers breaker.publish_state with every app)
 from breaker import BreakerRegistry, CircuitState
+from tests.dependencies import run_calls
 from tests.redis_server import free_port
 from workers.cli import breaker
 from workers.runtime import runtime
@@ -52,19 +53,6 @@ def breaker_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[
     )
 
 
-def fail(_: object = None) -> None:
-    """Stand in for a dependency that is down."""
-    raise ConnectionError("provider down")
-
-
-def run_calls(registry: BreakerRegistry, name: str, successes: int = 0, failures: int = 0) -> None:
-    """Make calls through the breaker called name: some that succeed, then some that fail."""
-    cb = registry.get(name)
-    for _ in range(successes):
-        cb.call(lambda: None)
-    for _ in range(failures):
-        with pytest.raises(ConnectionError):
-            cb.call(fail)
 
 
 @pytest.fixture
@@ -93,8 +81,8 @@ def table_rows(stdout: str) -> dict[str, dict[str, str]]:
 def test_status_prints_a_row_per_breaker_with_state_counts_and_time_in_state(
     registry: BreakerRegistry, cli_env: dict[str, str]
 ) -> None:
-    run_calls(registry, "payments.card", successes=1, failures=3)
-    run_calls(registry, "payments.paypal", successes=2, failures=1)
+    run_calls(registry.get("payments.card"), successes=1, failures=3)
+    run_calls(registry.get("payments.paypal"), successes=2, failures=1)
 
     result = breaker_cli("status", env=cli_env)
 
@@ -115,8 +103,8 @@ def test_status_prints_a_row_per_breaker_with_state_counts_and_time_in_state(
 def test_status_json_prints_the_same_message_as_the_beat_publisher(
     app: Celery, registry: BreakerRegistry, cli_env: dict[str, str]
 ) -> None:
-    run_calls(registry, "payments.card", failures=3)
-    run_calls(registry, "payments.paypal", successes=1)
+    run_calls(registry.get("payments.card"), failures=3)
+    run_calls(registry.get("payments.paypal"), successes=1)
 
     result = breaker_cli("status", "--json", env=cli_env)
     published = app.tasks["breaker.publish_state"].apply().get(timeout=10)
@@ -149,7 +137,7 @@ def test_status_on_a_store_no_breaker_used_yet_says_so(app: Celery, redis_url: s
 def test_reset_closes_an_open_breaker_and_keeps_its_running_totals(
     registry: BreakerRegistry, cli_env: dict[str, str]
 ) -> None:
-    run_calls(registry, "payments.card", failures=3)
+    run_calls(registry.get("payments.card"), failures=3)
     card = registry.get("payments.card")
     assert card.state is CircuitState.OPEN
 

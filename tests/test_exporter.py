@@ -7,7 +7,6 @@ import selectors
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,9 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from breaker import BreakerRegistry, CircuitBreakerOpenError, CircuitState
+from tests.dependencies import run_calls
 from tests.redis_server import RedisServer
+from tests.waiting import wait_until
 from workers.exporter import ExporterServer
 from workers.runtime import runtime
 
@@ -60,28 +61,7 @@ def get_health(url: str) -> tuple[int, dict[str, Any]]:
     return response.status_code, response.json()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Return once condition() is true; fail the test after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
-
-def fail() -> None:
-    """Stand in for a dependency that is down."""
-    raise ConnectionError("provider down")
-
-
-def run_calls(registry: BreakerRegistry, successes: int = 0, failures: int = 0) -> None:
-    """Make calls through payments.card: some that succeed, then some that fail."""
-    cb = registry.get("payments.card")
-    for _ in range(successes):
-        cb.call(lambda: None)
-    for _ in range(failures):
-        with pytest.raises(ConnectionError):
-            cb.call(fail)
 
 
 @pytest.fixture
@@ -101,7 +81,7 @@ def exporter(make_app: Callable[..., Celery]) -> Iterator[str]:
 def test_metrics_expose_every_family_with_its_prometheus_type(
     workers_registry: BreakerRegistry, exporter: str
 ) -> None:
-    run_calls(workers_registry, successes=1)
+    run_calls(workers_registry.get("payments.card"), successes=1)
 
     types, samples = scrape(exporter)
 
@@ -132,7 +112,7 @@ def test_counters_follow_the_calls_another_process_makes_on_the_store(
     assert value(before, "breaker_store_up") == 1
     assert not [key for key in before if key[0] == "breaker_state"]
 
-    run_calls(workers_registry, successes=2, failures=2)
+    run_calls(workers_registry.get("payments.card"), successes=2, failures=2)
     _, closed = scrape(exporter)
     assert value(closed, "breaker_calls_total", **card, outcome="success") == 2
     assert value(closed, "breaker_calls_total", **card, outcome="failure") == 2
@@ -140,7 +120,7 @@ def test_counters_follow_the_calls_another_process_makes_on_the_store(
     assert value(closed, "breaker_state", **card, state="closed") == 1
     assert value(closed, "breaker_state", **card, state="open") == 0
 
-    run_calls(workers_registry, failures=1)
+    run_calls(workers_registry.get("payments.card"), failures=1)
     for _ in range(2):
         with pytest.raises(CircuitBreakerOpenError):
             workers_registry.get("payments.card").call(lambda: None)
@@ -164,7 +144,7 @@ def test_a_short_open_period_still_shows_in_the_counters_after_it_ended(
     card = {"name": "payments.card"}
     breaker = workers_registry.get("payments.card")
     breaker.force_open()
-    wait_for(lambda: value(scrape(exporter)[1], "breaker_state_seconds_total", **card,
+    wait_until(lambda: value(scrape(exporter)[1], "breaker_state_seconds_total", **card,
                            state="open") > 0, 5, "time to accrue in OPEN")
     breaker.reset()
 
@@ -185,13 +165,13 @@ def test_half_open_probes_and_recovery_are_counted_and_health_says_open_meanwhil
     workers = runtime(make_app(breaker_timeout=SHORT_TIMEOUT)).registry
     exporter_registry = runtime(make_app(breaker_timeout=SHORT_TIMEOUT)).registry
     with ExporterServer(exporter_registry, "127.0.0.1", 0) as server:
-        run_calls(workers, failures=3)
-        wait_for(lambda: value(scrape(server.url)[1], "breaker_state", **card,
+        run_calls(workers.get("payments.card"), failures=3)
+        wait_until(lambda: value(scrape(server.url)[1], "breaker_state", **card,
                                state="half_open") == 1, 5, "the circuit to turn HALF_OPEN")
         status, body = get_health(server.url)
         assert (status, body["status"], body["breakers"][0]["state"]) == (200, "open", "half_open")
 
-        run_calls(workers, successes=2)
+        run_calls(workers.get("payments.card"), successes=2)
 
         _, samples = scrape(server.url)
         status, body = get_health(server.url)
@@ -208,7 +188,7 @@ def test_health_is_ok_with_every_snapshot_while_the_breakers_are_closed(
     workers_registry: BreakerRegistry, exporter: str
 ) -> None:
     assert get_health(exporter) == (200, {"status": "ok", "breakers": []})
-    run_calls(workers_registry, successes=1)
+    run_calls(workers_registry.get("payments.card"), successes=1)
 
     status, body = get_health(exporter)
 
@@ -238,7 +218,7 @@ def test_health_is_503_and_metrics_report_the_store_down_while_redis_is_stopped(
     workers = runtime(make_app(breaker_timeout=TIMEOUT, **on_spare)).registry
     exporter_registry = runtime(make_app(breaker_timeout=TIMEOUT, **on_spare)).registry
     with ExporterServer(exporter_registry, "127.0.0.1", 0) as server:
-        run_calls(workers, successes=1)
+        run_calls(workers.get("payments.card"), successes=1)
         assert get_health(server.url)[0] == 200
 
         spare_redis_server.stop()
@@ -251,7 +231,7 @@ def test_health_is_503_and_metrics_report_the_store_down_while_redis_is_stopped(
         assert not [key for key in samples if key[0] == "breaker_state"]
 
         spare_redis_server.start()
-        wait_for(lambda: get_health(server.url)[0] == 200, 10, "/health to recover")
+        wait_until(lambda: get_health(server.url)[0] == 200, 10, "/health to recover")
         assert value(scrape(server.url)[1], "breaker_store_up") == 1
 
 
@@ -322,7 +302,7 @@ def test_serve_reports_its_url_serves_the_store_and_stops_cleanly_on_a_signal(
     redis_url: str,
     signum: signal.Signals,
 ) -> None:
-    run_calls(workers_registry, failures=3)
+    run_calls(workers_registry.get("payments.card"), failures=3)
     process = serve("--host", "127.0.0.1", "--port", "0")
 
     line = first_line(process, timeout=30)

@@ -6,7 +6,6 @@ import ast
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from celery import Celery
 
 from tests.redis_server import free_port
+from tests.waiting import wait_until
 from workers.runtime import runtime
 from workers.sandbox import SandboxControl, SandboxServer
 
@@ -36,17 +36,6 @@ FLOWER_USER, FLOWER_PASSWORD = "ops", "flower-test-password"
 
 T = TypeVar("T")
 
-
-def wait_for(probe: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Return probe()'s first result that is not None; fail the test after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = probe()
-        if found is not None:
-            return found
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -96,7 +85,7 @@ def flower_only(settings_env: dict[str, str], tmp_path: Path) -> Iterator[httpx.
             return None
 
     try:
-        wait_for(healthy, 30, "Flower to answer")
+        wait_until(healthy, 30, "Flower to answer", interval=0.1)
         yield client
     finally:
         client.close()
@@ -152,7 +141,9 @@ def test_flower_shows_charges_their_retries_and_the_publishers_results(
 ) -> None:
     app = make_app(**SETTINGS)
     # The beat publisher's results reaching Flower prove that the worker's events do.
-    first = wait_for(lambda: published(flower, "'breakers'"), 30, "a publisher result in Flower")
+    first = wait_until(
+        lambda: published(flower, "'breakers'"), 30, "a publisher result in Flower", interval=0.1
+    )
     assert first["name"] == "breaker.publish_state"
 
     # Opened before the worker first uses it, so that no cached CLOSED lets the charge through.
@@ -162,9 +153,15 @@ def test_flower_shows_charges_their_retries_and_the_publishers_results(
     straight = app.send_task(
         "payments.charge", kwargs={**charge("ord_flower_2"), "payment_method": "bank"}
     ).id
-    done = wait_for(lambda: task_info(flower, straight, "SUCCESS"), 20, "the bank charge")
-    retried = wait_for(lambda: task_info(flower, deferred, "SUCCESS"), 20, "the card charge")
-    after = wait_for(lambda: published(flower, "'payments.card'"), 10, "the breaker published")
+    done = wait_until(
+        lambda: task_info(flower, straight, "SUCCESS"), 20, "the bank charge", interval=0.1
+    )
+    retried = wait_until(
+        lambda: task_info(flower, deferred, "SUCCESS"), 20, "the card charge", interval=0.1
+    )
+    after = wait_until(
+        lambda: published(flower, "'payments.card'"), 10, "the breaker published", interval=0.1
+    )
 
     assert done["name"] == "payments.charge"
     assert done["retries"] == 0

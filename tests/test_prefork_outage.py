@@ -18,7 +18,8 @@ from celery.result import AsyncResult
 from kombu.connection import Connection
 
 from breaker import CircuitBreaker, RedisStore
-from tests.worker_process import WorkerProcess, charge_kwargs, wait_for, web_client
+from tests.waiting import wait_until
+from tests.worker_process import WorkerProcess, charge_kwargs, web_client
 from workers.sandbox import SandboxControl, SandboxServer
 
 pytestmark = pytest.mark.slow
@@ -175,7 +176,7 @@ def test_outage_under_prefork_worker_charges_each_order_once_and_spares_the_prov
         with WorkerProcess(env, tmp_path / "worker.log", args):
             before = send_charges(client, orders[:10])
             results = results_of(before, timeout=20)
-            wait_for(
+            wait_until(
                 lambda: (s := state_channel.latest(BREAKER)) and s["state"] == "closed",
                 10,
                 "the breaker published CLOSED",
@@ -185,7 +186,7 @@ def test_outage_under_prefork_worker_charges_each_order_once_and_spares_the_prov
             down_at = time.time()
             during = send_charges(client, orders[10:])
             # Down for about 3 x breaker_timeout: until two probes failed and it re-opened.
-            wait_for(
+            wait_until(
                 lambda: opens(circuit.snapshot()["transitions"]) >= 3,
                 10 * BREAKER_TIMEOUT,
                 "three open periods while the provider is down",
@@ -194,7 +195,7 @@ def test_outage_under_prefork_worker_charges_each_order_once_and_spares_the_prov
             up_at = time.time()
             results += results_of(during, timeout=30)
             done_at = time.time()
-            final = wait_for(
+            final = wait_until(
                 lambda: state_channel.latest(BREAKER, after=done_at),
                 10,
                 "a publication after every charge ended",
@@ -290,7 +291,7 @@ def test_outage_with_rabbitmq_broker_charges_each_order_once(
         with WorkerProcess(env, tmp_path / "worker.log", args):
             sandbox.set_faults("down")
             tasks = send_charges(client, orders, queue=rabbitmq_queue)
-            wait_for(
+            wait_until(
                 lambda: opens(circuit.snapshot()["transitions"]) >= 2,
                 10 * BREAKER_TIMEOUT,
                 "a failed probe re-opening the circuit while the provider is down",

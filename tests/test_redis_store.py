@@ -14,6 +14,7 @@ import redis
 from redis.crc import key_slot
 
 from breaker import CircuitBreaker, CircuitBreakerOpenError, CircuitState, RedisStore
+from tests.dependencies import ProviderDown
 from tests.redis_server import RedisServer
 from tests.waiting import wait_until
 
@@ -23,9 +24,6 @@ NAME = "payments.card"
 HASH_KEY = "breaker:{payments.card}"
 PROBES_KEY = "breaker:{payments.card}:probes"
 
-
-class ProviderDown(Exception):
-    """The dependency failed."""
 
 
 def down() -> str:

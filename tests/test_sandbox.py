@@ -22,21 +22,8 @@ from workers.sandbox import SandboxControl, SandboxServer
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def sandbox_server() -> Iterator[SandboxServer]:
-    with SandboxServer() as server:
-        yield server
-
-
 @pytest.fixture
-def control(sandbox_server: SandboxServer) -> Iterator[SandboxControl]:
-    with SandboxControl(sandbox_server.url) as control:
-        control.reset()
-        yield control
-
-
-@pytest.fixture
-def client(sandbox_server: SandboxServer, control: SandboxControl) -> Iterator[httpx.Client]:
+def client(sandbox_server: SandboxServer, sandbox: SandboxControl) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=sandbox_server.url, timeout=5.0) as client:
         yield client
 
@@ -87,14 +74,14 @@ def free_port() -> int:
 
 
 def test_charge_succeeds_and_is_recorded_in_the_ledger(
-    client: httpx.Client, control: SandboxControl
+    client: httpx.Client, sandbox: SandboxControl
 ) -> None:
     response = post_charge(client, charge_body("ord_1", amount=1999))
 
     assert response.status_code == 200
     assert response.json()["status"] == "succeeded"
     assert response.json()["id"].startswith("ch_")
-    ledger = control.ledger()
+    ledger = sandbox.ledger()
     [charge] = ledger["charges"]
     assert charge["id"] == response.json()["id"]
     assert (charge["order_id"], charge["amount"], charge["currency"]) == ("ord_1", 1999, "usd")
@@ -107,72 +94,72 @@ def test_charge_succeeds_and_is_recorded_in_the_ledger(
 
 @pytest.mark.parametrize("token", ["tok_chargeDeclined", "tok_decline_insufficient_funds"])
 def test_declining_token_answers_402_card_declined_and_charges_nothing(
-    client: httpx.Client, control: SandboxControl, token: str
+    client: httpx.Client, sandbox: SandboxControl, token: str
 ) -> None:
     response = post_charge(client, charge_body(token=token))
 
     assert response.status_code == 402
     assert error_of(response)["code"] == "card_declined"
-    assert control.ledger()["charges"] == []
+    assert sandbox.ledger()["charges"] == []
 
 
 def test_reject_token_answers_400_naming_the_source(
-    client: httpx.Client, control: SandboxControl
+    client: httpx.Client, sandbox: SandboxControl
 ) -> None:
     response = post_charge(client, charge_body(token="tok_reject"))
 
     assert response.status_code == 400
     assert error_of(response)["code"] == "invalid_request"
     assert "source" in error_of(response)["message"]
-    ledger = control.ledger()
+    ledger = sandbox.ledger()
     assert ledger["charges"] == []
     assert ledger["requests"]["by_status"] == {"400": 1}
 
 
 def test_replay_with_the_same_key_returns_the_first_answer_and_charges_once(
-    client: httpx.Client, control: SandboxControl
+    client: httpx.Client, sandbox: SandboxControl
 ) -> None:
     first = post_charge(client, charge_body(), key="idem_same")
     again = post_charge(client, charge_body(), key="idem_same")
 
     assert (again.status_code, again.json()) == (first.status_code, first.json())
     assert again.headers["Idempotent-Replayed"] == "true"
-    ledger = control.ledger()
+    ledger = sandbox.ledger()
     assert len(ledger["charges"]) == 1
     assert ledger["requests"]["total"] == 2
 
 
 def test_replayed_decline_returns_the_same_402(
-    client: httpx.Client, control: SandboxControl
+    client: httpx.Client, sandbox: SandboxControl
 ) -> None:
     first = post_charge(client, charge_body(token="tok_chargeDeclined"), key="idem_declined")
     again = post_charge(client, charge_body(token="tok_chargeDeclined"), key="idem_declined")
 
     assert first.status_code == again.status_code == 402
     assert again.json() == first.json()
-    assert control.ledger()["requests"]["by_status"] == {"402": 2}
+    assert sandbox.ledger()["requests"]["by_status"] == {"402": 2}
 
 
 def test_reusing_a_key_with_a_different_body_is_an_idempotency_error(
-    client: httpx.Client, control: SandboxControl
+    client: httpx.Client, sandbox: SandboxControl
 ) -> None:
     post_charge(client, charge_body(amount=1999), key="idem_reused")
     response = post_charge(client, charge_body(amount=2999), key="idem_reused")
 
     assert response.status_code == 400
     assert error_of(response)["code"] == "idempotency_error"
-    assert len(control.ledger()["charges"]) == 1
+    assert len(sandbox.ledger()["charges"]) == 1
 
 
 def test_requests_without_a_key_are_each_charged(
-    client: httpx.Client, control: SandboxControl
+    client: httpx.Client, sandbox: SandboxControl
 ) -> None:
     first = post_charge(client, charge_body(), key=None)
     second = post_charge(client, charge_body(), key=None)
 
     assert first.status_code == second.status_code == 200
     assert first.json()["id"] != second.json()["id"]
-    assert control.ledger()["charges_by_order"] == {"ord_1": 2}
+    assert sandbox.ledger()["charges_by_order"] == {"ord_1": 2}
 
 
 def _without_metadata() -> dict[str, Any]:
@@ -208,7 +195,7 @@ def _without_source() -> dict[str, Any]:
     ],
 )
 def test_bad_input_is_rejected_naming_the_field_and_only_counted(
-    client: httpx.Client, control: SandboxControl, content: bytes, field: str
+    client: httpx.Client, sandbox: SandboxControl, content: bytes, field: str
 ) -> None:
     response = client.post(
         "/v1/charges",
@@ -220,7 +207,7 @@ def test_bad_input_is_rejected_naming_the_field_and_only_counted(
     assert error_of(response)["code"] == "invalid_request"
     assert error_of(response)["param"] == field
     assert field in error_of(response)["message"]
-    ledger = control.ledger()
+    ledger = sandbox.ledger()
     assert ledger["charges"] == []
     assert ledger["requests"] == {"total": 1, "by_status": {"400": 1}}
 
@@ -229,12 +216,12 @@ def test_configured_api_key_is_required() -> None:
     with (
         SandboxServer(api_key="sk_test_sandbox") as server,
         httpx.Client(base_url=server.url, timeout=5.0) as client,
-        SandboxControl(server.url) as control,
+        SandboxControl(server.url) as sandbox,
     ):
         missing = client.post("/v1/charges", json=charge_body())
         wrong = post_charge(client, charge_body(), key="idem_a", api_key="sk_test_wrong")
         right = post_charge(client, charge_body(), key="idem_b", api_key="sk_test_sandbox")
-        ledger = control.ledger()
+        ledger = sandbox.ledger()
 
     assert missing.status_code == wrong.status_code == 401
     assert error_of(missing)["code"] == error_of(wrong)["code"] == "unauthorized"
@@ -257,19 +244,19 @@ def test_unknown_path_is_404_and_wrong_method_is_405_in_json(client: httpx.Clien
 
 
 def test_down_answers_the_chosen_status_without_charging(
-    client: httpx.Client, control: SandboxControl
+    client: httpx.Client, sandbox: SandboxControl
 ) -> None:
-    control.set_faults("down")
+    sandbox.set_faults("down")
     unavailable = post_charge(client, charge_body("ord_1"), key="idem_1")
-    control.set_faults("down", status=429)
+    sandbox.set_faults("down", status=429)
     limited = post_charge(client, charge_body("ord_2"), key="idem_2")
-    control.set_faults("ok")
+    sandbox.set_faults("ok")
     recovered = post_charge(client, charge_body("ord_1"), key="idem_1")
 
     assert unavailable.status_code == 503
     assert limited.status_code == 429
     assert recovered.status_code == 200
-    ledger = control.ledger()
+    ledger = sandbox.ledger()
     assert ledger["charges_by_order"] == {"ord_1": 1}
     assert [(e["status"], e["order_id"]) for e in ledger["events"]] == [
         (503, "ord_1"),
@@ -278,73 +265,73 @@ def test_down_answers_the_chosen_status_without_charging(
     ]
 
 
-def test_slow_waits_then_charges(client: httpx.Client, control: SandboxControl) -> None:
-    control.set_faults("slow", delay=0.3)
+def test_slow_waits_then_charges(client: httpx.Client, sandbox: SandboxControl) -> None:
+    sandbox.set_faults("slow", delay=0.3)
     started = time.monotonic()
     response = post_charge(client, charge_body())
 
     assert time.monotonic() - started >= 0.3
     assert response.status_code == 200
-    assert len(control.ledger()["charges"]) == 1
+    assert len(sandbox.ledger()["charges"]) == 1
 
 
 def test_timeout_holds_the_request_then_answers_504_without_charging(
-    client: httpx.Client, control: SandboxControl
+    client: httpx.Client, sandbox: SandboxControl
 ) -> None:
-    control.set_faults("timeout", delay=0.5)
+    sandbox.set_faults("timeout", delay=0.5)
     with pytest.raises(httpx.TimeoutException):
         post_charge(client, charge_body(), key="idem_1", timeout=0.1)
     deadline = time.monotonic() + 5.0
-    while control.ledger()["requests"]["total"] == 0 and time.monotonic() < deadline:
+    while sandbox.ledger()["requests"]["total"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    control.set_faults("timeout", delay=0.1)
+    sandbox.set_faults("timeout", delay=0.1)
     answered = post_charge(client, charge_body(), key="idem_2")
 
     assert answered.status_code == 504
-    ledger = control.ledger()
+    ledger = sandbox.ledger()
     assert ledger["requests"]["by_status"] == {"504": 2}
     assert ledger["charges"] == []
 
 
-def _flaky_statuses(client: httpx.Client, control: SandboxControl) -> list[int]:
-    control.reset()
-    control.set_faults("flaky", rate=0.5, seed=1234)
+def _flaky_statuses(client: httpx.Client, sandbox: SandboxControl) -> list[int]:
+    sandbox.reset()
+    sandbox.set_faults("flaky", rate=0.5, seed=1234)
     return [
         post_charge(client, charge_body(f"ord_{n}"), key=f"idem_{n}").status_code for n in range(40)
     ]
 
 
 def test_flaky_fails_a_seeded_fraction_reproducibly(
-    client: httpx.Client, control: SandboxControl
+    client: httpx.Client, sandbox: SandboxControl
 ) -> None:
-    statuses = _flaky_statuses(client, control)
-    charged = len(control.ledger()["charges"])
+    statuses = _flaky_statuses(client, sandbox)
+    charged = len(sandbox.ledger()["charges"])
 
     assert set(statuses) == {200, 503}
     assert charged == statuses.count(200)
-    assert _flaky_statuses(client, control) == statuses
+    assert _flaky_statuses(client, sandbox) == statuses
 
 
 def test_lost_response_charges_and_a_retry_returns_the_stored_charge(
-    client: httpx.Client, control: SandboxControl
+    client: httpx.Client, sandbox: SandboxControl
 ) -> None:
-    control.set_faults("lost_response")
+    sandbox.set_faults("lost_response")
     lost = post_charge(client, charge_body(), key="idem_lost")
-    [charge] = control.ledger()["charges"]
-    control.set_faults("ok")
+    [charge] = sandbox.ledger()["charges"]
+    sandbox.set_faults("ok")
     retry = post_charge(client, charge_body(), key="idem_lost")
 
     assert lost.status_code == 503
     assert retry.status_code == 200
     assert retry.json()["id"] == charge["id"]
-    assert control.ledger()["charges_by_order"] == {"ord_1": 1}
+    assert sandbox.ledger()["charges_by_order"] == {"ord_1": 1}
 
 
-def test_faults_round_trip_with_their_settings(control: SandboxControl) -> None:
-    chosen = control.set_faults("flaky", rate=0.3, seed=7)
+def test_faults_round_trip_with_their_settings(sandbox: SandboxControl) -> None:
+    chosen = sandbox.set_faults("flaky", rate=0.3, seed=7)
 
     assert chosen == {"mode": "flaky", "status": 503, "rate": 0.3, "seed": 7}
-    assert control.faults() == chosen
+    assert sandbox.faults() == chosen
 
 
 @pytest.mark.parametrize(
@@ -364,34 +351,34 @@ def test_faults_round_trip_with_their_settings(control: SandboxControl) -> None:
     ],
 )
 def test_bad_fault_settings_are_refused_naming_the_field(
-    client: httpx.Client, control: SandboxControl, faults: dict[str, Any], field: str
+    client: httpx.Client, sandbox: SandboxControl, faults: dict[str, Any], field: str
 ) -> None:
     response = client.post("/_sandbox/faults", json=faults)
 
     assert response.status_code == 400
     assert field in error_of(response)["message"]
-    assert control.faults() == {"mode": "ok"}
+    assert sandbox.faults() == {"mode": "ok"}
 
 
-def test_control_client_raises_the_reason_of_a_refused_fault(control: SandboxControl) -> None:
+def test_control_client_raises_the_reason_of_a_refused_fault(sandbox: SandboxControl) -> None:
     with pytest.raises(ValueError, match="rate"):
-        control.set_faults("flaky", rate=2)
+        sandbox.set_faults("flaky", rate=2)
 
 
 # Ledger
 
 
 def test_ledger_and_logs_never_contain_the_token_or_the_key(
-    client: httpx.Client, control: SandboxControl, caplog: pytest.LogCaptureFixture
+    client: httpx.Client, sandbox: SandboxControl, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="workers.sandbox")
     secrets = ("tok_secret_4242", "idem_secret_9876", "tok_decline_secret_1111")
     post_charge(client, charge_body(token=secrets[0]), key=secrets[1])
     post_charge(client, charge_body(token=secrets[2]), key="idem_other")
-    control.set_faults("lost_response")
+    sandbox.set_faults("lost_response")
     post_charge(client, charge_body(token=secrets[0]), key=secrets[1])
 
-    ledger_text = json.dumps(control.ledger())
+    ledger_text = json.dumps(sandbox.ledger())
     assert "POST /v1/charges 200" in caplog.text
     for secret in secrets:
         assert secret not in ledger_text
@@ -399,18 +386,18 @@ def test_ledger_and_logs_never_contain_the_token_or_the_key(
 
 
 def test_reset_clears_ledger_idempotency_stats_and_faults(
-    client: httpx.Client, control: SandboxControl
+    client: httpx.Client, sandbox: SandboxControl
 ) -> None:
     first = post_charge(client, charge_body(), key="idem_1")
-    control.set_faults("down")
-    control.reset()
+    sandbox.set_faults("down")
+    sandbox.reset()
 
-    ledger = control.ledger()
+    ledger = sandbox.ledger()
     assert ledger["charges"] == []
     assert ledger["events"] == []
     assert ledger["charges_by_order"] == {}
     assert ledger["requests"] == {"total": 0, "by_status": {}}
-    assert control.faults() == {"mode": "ok"}
+    assert sandbox.faults() == {"mode": "ok"}
     again = post_charge(client, charge_body(), key="idem_1")
     assert again.status_code == 200
     assert again.json()["id"] != first.json()["id"]

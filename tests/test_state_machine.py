@@ -27,6 +27,7 @@ from breaker import (
     RedisStore,
     Store,
 )
+from tests.dependencies import Declined, Interrupted, ProviderDown, not_declined
 
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 
@@ -37,20 +38,8 @@ TIMEOUT = 0.3
 LONG_TIMEOUT = 30.0
 
 
-class ProviderDown(Exception):
-    """The dependency failed: a breaker failure."""
 
 
-class Declined(Exception):
-    """The dependency answered no: excluded by is_failure, so a breaker success."""
-
-
-class Interrupted(BaseException):
-    """A call cut short before the dependency answered, like KeyboardInterrupt."""
-
-
-def not_declined(exc: BaseException) -> bool:
-    return not isinstance(exc, Declined)
 
 
 class FakeClock:

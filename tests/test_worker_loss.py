@@ -16,7 +16,8 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from breaker import CircuitBreaker, RedisStore
-from tests.worker_process import WorkerProcess, charge_kwargs, wait_for, web_client
+from tests.waiting import wait_until
+from tests.worker_process import WorkerProcess, charge_kwargs, web_client
 from workers.config import read_settings
 from workers.sandbox import SandboxControl, SandboxServer
 
@@ -99,9 +100,9 @@ def test_pool_process_killed_at_the_provider_is_redelivered_and_charged_once(
     args = ["--pool", "prefork", "--concurrency", "2"]
     with WorkerProcess(env, tmp_path / "worker.log", args) as worker:
         task = client.send_task("payments.charge", kwargs=charge_kwargs(order))
-        pid = wait_for(lambda: started_in(task), 15, "the charge to start in a pool process")
+        pid = wait_until(lambda: started_in(task), 15, "the charge to start in a pool process")
         assert pid in worker.pool_pids()
-        wait_for(
+        wait_until(
             lambda: talking_to(pid, sandbox_server.port), 5, "the charge to call the provider"
         )
         os.kill(pid, signal.SIGKILL)
@@ -109,7 +110,7 @@ def test_pool_process_killed_at_the_provider_is_redelivered_and_charged_once(
         result = task.get(timeout=REQUEUE_DEADLINE, interval=0.05)
         redelivered_in = time.time() - killed_at
         # The killed call still completes at the provider: wait for its answer to be counted.
-        wait_for(
+        wait_until(
             lambda: len(arrivals(sandbox, order)) >= 2,
             10,
             "both the killed call and the redelivered one to be answered",
@@ -155,7 +156,7 @@ def test_whole_worker_killed_its_charges_come_back_and_are_charged_once(
                 circuit.force_open()
             tasks = [client.send_task("payments.charge", kwargs=charge_kwargs(o)) for o in orders]
             if held == "at_the_provider":
-                wait_for(
+                wait_until(
                     lambda: sum(
                         (pid := started_in(t)) is not None and talking_to(pid, sandbox_server.port)
                         for t in tasks
@@ -165,7 +166,7 @@ def test_whole_worker_killed_its_charges_come_back_and_are_charged_once(
                 )
             else:
                 # Each charge deferred, and its deferred copy held by the worker on its countdown.
-                wait_for(
+                wait_until(
                     lambda: first.log().count(" deferred (circuit ") >= len(orders)
                     and first.log().count(" received") >= 2 * len(orders),
                     15,

@@ -7,14 +7,22 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], object], within: float, what: str = "a condition") -> None:
-    """Poll condition until it holds; fail the test after within seconds."""
+def wait_until(
+    condition: Callable[[], T], within: float, what: str = "a condition", interval: float = 0.01
+) -> T:
+    """Return condition()'s first truthy value, polling; fail the test after within seconds."""
     deadline = time.monotonic() + within
-    while not condition():
+    while True:
+        value = condition()
+        if value:
+            return value
         assert time.monotonic() < deadline, f"still waiting, after {within}s, for {what}"
-        time.sleep(0.01)
+        time.sleep(interval)
 
 
 class LogLines(logging.Handler):

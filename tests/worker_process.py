@@ -7,9 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -17,28 +16,14 @@ from typing import Any, Self, TypeVar
 import psutil
 from celery import Celery
 
+from tests.waiting import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 # Variables a worker reads as settings: only those the test gives reach the subprocess.
 SETTING_PREFIXES = ("BREAKER_", "PAYMENT_", "CELERY_")
 
 T = TypeVar("T")
 
-
-def wait_for(
-    condition: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05
-) -> T:
-    """Return the first truthy value of condition(), polling until timeout seconds have passed.
-
-    Raises AssertionError saying what was awaited when the deadline passes.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 class WorkerProcess:
@@ -80,7 +65,7 @@ class WorkerProcess:
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
         try:
-            wait_for(self._ready, timeout, f"the worker to be ready (log: {self.log_path})")
+            wait_until(self._ready, timeout, f"the worker to be ready (log: {self.log_path})")
         except BaseException:
             self.stop()
             raise
