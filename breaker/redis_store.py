@@ -235,16 +235,10 @@ class RedisCircuit:
                 with self._pending_lock:
                     self._pending_rejected += 1
                 raise CircuitBreakerOpenError(self._name, state, retry_at - now)
-        if not store.use_redis():
-            return self._fallback_admit()
         lease = store.next_lease()
-        try:
-            reply = self._eval("admit", lease)
-        except UNREACHABLE as exc:
-            store._mark_down(exc)
+        reply = store.run(lambda: self._eval("admit", lease), lambda: None)
+        if reply is None:
             return self._fallback_admit()
-        if store.degraded:
-            store._mark_up()
         admitted = self._apply(reply)
         # From the reply, not the cache: another thread or a listener may have changed the
         # cache since, and the round trip must not lengthen the wait.

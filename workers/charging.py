@@ -144,17 +144,15 @@ class ChargeRun:
             if permit is not None:
                 permit.release()
             self._defer(STORE_RETRY_SECONDS, f"order book unreachable ({type(exc).__name__})")
+        if permit is not None and not begin.may_charge:
+            permit.release()
         if begin.result is not None:
-            if permit is not None:
-                permit.release()
             log.info(
                 "Charge %s already succeeded (%s); returning the first result, charging nothing",
                 self.charge.order_id, begin.result.get("charge_id"),
             )
             return begin.result
         if begin.busy_for:
-            if permit is not None:
-                permit.release()
             self._defer(begin.busy_for, "another task is charging this order")
         return None
 
