@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -37,13 +38,19 @@ REJECTED_SOURCE: Final = "tok_reject"
 # The settings each fault mode takes; any other field in a fault body is refused.
 _MODE_SETTINGS: Final[Mapping[str, tuple[str, ...]]] = {
     "ok": (),
-    "down": ("status",),
+    "down": ("status", "retry_after"),
     "slow": ("delay",),
     "timeout": ("delay",),
     "flaky": ("status", "rate", "seed"),
     "lost_response": ("status",),
+    # Charge, then close the connection without a word.
+    "hang_up": (),
+    # Charge, then send the answer one byte every `delay` seconds.
+    "trickle": ("delay",),
 }
-_DEFAULT_DELAY: Final[Mapping[str, float]] = {"slow": 1.0, "timeout": 30.0}
+_DEFAULT_DELAY: Final[Mapping[str, float]] = {"slow": 1.0, "timeout": 30.0, "trickle": 0.2}
+# The status a ledger event records for a request that got no answer at all (hang_up).
+NO_ANSWER: Final = 0
 _MAX_DELAY: Final = 3600.0
 
 
@@ -88,6 +95,9 @@ class Reply:
     status: int
     body: Mapping[str, object]
     headers: tuple[tuple[str, str], ...] = ()
+    # How the handler delivers it: at once, one byte every `trickle` seconds, or not at all.
+    trickle: float = 0.0
+    hang_up: bool = False
 
 
 def _error(
@@ -105,10 +115,11 @@ def _error(
     return Reply(status, {"error": error}, headers)
 
 
-def _unavailable(status: int, mode: str) -> Reply:
-    """Build the reply of an injected failure."""
+def _unavailable(status: int, mode: str, retry_after: float | None = None) -> Reply:
+    """Build the reply of an injected failure, with a Retry-After header if one is set."""
     code = {429: "rate_limited", 504: "timeout"}.get(status, "service_unavailable")
-    return _error(status, code, f"sandbox fault injected: {mode}")
+    headers = () if retry_after is None else (("Retry-After", f"{math.ceil(retry_after)}"),)
+    return _error(status, code, f"sandbox fault injected: {mode}", headers=headers)
 
 
 class InvalidRequest(ValueError):
@@ -142,6 +153,7 @@ class Faults:
     delay: float = 0.0
     rate: float = 0.5
     seed: int | None = None
+    retry_after: float | None = None
 
     @classmethod
     def from_json(cls, data: object) -> Faults:
@@ -166,7 +178,17 @@ class Faults:
         seed = data.get("seed")
         if seed is not None and not _is_int(seed):
             raise InvalidRequest("seed", "seed must be an integer or null")
-        return cls(mode, status, float(delay), float(rate), seed)
+        retry_after = data.get("retry_after")
+        if retry_after is not None and (
+            not _is_number(retry_after) or not 0 <= retry_after <= _MAX_DELAY
+        ):
+            raise InvalidRequest(
+                "retry_after", f"retry_after must be seconds from 0 to {_MAX_DELAY:g}, or null"
+            )
+        return cls(
+            mode, status, float(delay), float(rate), seed,
+            None if retry_after is None else float(retry_after),
+        )
 
     def to_json(self) -> dict[str, object]:
         """Return the mode and its settings, in the shape ``from_json`` accepts."""
@@ -268,8 +290,13 @@ class Sandbox:
             self._clear()
 
     def close(self) -> None:
-        """Release requests held by a slow or timeout fault, for shutdown."""
+        """Release requests held by a slow, timeout or trickle fault, for shutdown."""
         self._closing.set()
+
+    @property
+    def closing(self) -> threading.Event:
+        """Return the event set when the sandbox shuts down."""
+        return self._closing
 
     def ledger(self) -> Ledger:
         """Return a snapshot of charges, request stats and events."""
@@ -294,7 +321,7 @@ class Sandbox:
             faults = self._faults
             dropped = faults.mode == "flaky" and self._rng.random() < faults.rate
         if faults.mode == "down" or dropped:
-            reply = _unavailable(faults.status, faults.mode)
+            reply = _unavailable(faults.status, faults.mode, faults.retry_after)
         elif faults.mode == "timeout":
             self._closing.wait(faults.delay)
             reply = _unavailable(504, faults.mode)
@@ -304,11 +331,14 @@ class Sandbox:
             reply = self._process(payload, authorization, idempotency_key)
             if faults.mode == "lost_response":
                 reply = _unavailable(faults.status, faults.mode)
+            elif faults.mode == "hang_up":
+                reply = replace(reply, hang_up=True)
+            elif faults.mode == "trickle":
+                reply = replace(reply, trickle=faults.delay)
+        status = NO_ANSWER if reply.hang_up else reply.status
         with self._lock:
-            self._by_status[reply.status] += 1
-            self._events.append(
-                {"t": arrived, "status": reply.status, "order_id": _order_id_of(payload)}
-            )
+            self._by_status[status] += 1
+            self._events.append({"t": arrived, "status": status, "order_id": _order_id_of(payload)})
         return reply
 
     def _process(
@@ -471,7 +501,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, reply: Reply, *, close: bool = False) -> None:
         """Write a JSON reply with its Content-Length so the connection can be reused."""
+        if reply.hang_up:
+            self.close_connection = True
+            return
         data = json.dumps(reply.body).encode()
+        if reply.trickle:
+            self._trickle(reply, data)
+            return
         try:
             self.send_response(reply.status)
             self.send_header("Content-Type", "application/json")
@@ -486,6 +522,24 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             # The client stopped waiting (its own timeout): there is nobody left to answer.
             self.close_connection = True
+
+    def _trickle(self, reply: Reply, data: bytes) -> None:
+        """Write the whole answer, status line included, one byte at a time."""
+        head = [f"HTTP/1.1 {reply.status} {self.responses.get(reply.status, ('',))[0]}"]
+        head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
+        head += [f"{name}: {value}" for name, value in reply.headers]
+        raw = ("\r\n".join(head) + "\r\n\r\n").encode() + data
+        self.log_request(reply.status)
+        closing = self.server.sandbox.closing
+        try:
+            for i in range(len(raw)):
+                self.wfile.write(raw[i : i + 1])
+                self.wfile.flush()
+                if closing.wait(reply.trickle):
+                    break
+        except OSError:
+            pass
+        self.close_connection = True
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """Log method, path and status only: headers and bodies carry tokens and keys."""
