@@ -6,11 +6,16 @@ taking the Settings, with a `charge()` that answers like HttpProvider's.
 
 from __future__ import annotations
 
+import email.utils
 import importlib
+import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
+
+from workers.deadline import DeadlineTransport, call_deadline
 
 if TYPE_CHECKING:
     from workers.config import Settings
@@ -29,11 +34,15 @@ class ProviderAnswer:
 class ProviderFailure(Exception):
     """The provider could not answer (5xx, 429, timeout, connection error): a breaker failure."""
 
-    def __init__(self, reason: str, *, may_have_reached: bool) -> None:
+    def __init__(
+        self, reason: str, *, may_have_reached: bool, retry_after: float | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         # True when the request may have been processed although no answer came back.
         self.may_have_reached = may_have_reached
+        # The provider's own wait (Retry-After of a 429 or 503), read by the breaker.
+        self.retry_after = retry_after
 
 
 class ProviderRejection(Exception):
@@ -60,11 +69,13 @@ class HttpProvider:
 
     def __init__(self, settings: Settings) -> None:
         self.base_url = settings.payment_provider_url.rstrip("/")
-        timeout = settings.payment_provider_timeout
+        # The whole call, connect to last byte: a trickling answer cannot outlive it.
+        self.timeout = settings.payment_provider_timeout
+        limits = httpx.Limits(max_connections=20, max_keepalive_connections=10)
         self._client = httpx.Client(
             base_url=self.base_url,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 5.0)),
+            transport=DeadlineTransport(limits),
             headers=_auth_headers(settings.payment_provider_api_key),
         )
 
@@ -77,15 +88,18 @@ class HttpProvider:
             "metadata": {"order_id": request.order_id},
         }
         try:
-            response = self._client.post(
-                "/v1/charges", json=body, headers={"Idempotency-Key": idempotency_key}
-            )
+            with call_deadline(self.timeout):
+                response = self._client.post(
+                    "/v1/charges", json=body, headers={"Idempotency-Key": idempotency_key}
+                )
         except httpx.ConnectError as exc:
             raise ProviderFailure(
                 f"cannot connect ({type(exc).__name__})", may_have_reached=False
             ) from None
-        except httpx.ConnectTimeout:
-            raise ProviderFailure("connect timed out", may_have_reached=False) from None
+        except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise ProviderFailure(
+                f"no connection in time ({type(exc).__name__})", may_have_reached=False
+            ) from None
         except httpx.LocalProtocolError as exc:
             raise ProviderFailure(
                 f"request not sent ({type(exc).__name__})", may_have_reached=False
@@ -122,12 +136,34 @@ class HttpProvider:
         if status == 402:
             return ProviderAnswer("declined", decline_code=code)
         if status == 429:
-            raise ProviderFailure("HTTP 429 rate limited", may_have_reached=False)
+            raise ProviderFailure(
+                "HTTP 429 rate limited",
+                may_have_reached=False,
+                retry_after=retry_after(response.headers.get("Retry-After")),
+            )
         if status >= 500:
-            raise ProviderFailure(f"HTTP {status}", may_have_reached=True)
+            wait = retry_after(response.headers.get("Retry-After")) if status == 503 else None
+            raise ProviderFailure(f"HTTP {status}", may_have_reached=True, retry_after=wait)
         if 400 <= status < 500:
             raise ProviderRejection(status, code, str(error.get("message", ""))[:200])
         raise ProviderFailure(f"unexpected HTTP {status}", may_have_reached=True)
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Return the seconds a Retry-After header asks for (seconds or an HTTP date), if valid."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    wait = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, wait) if math.isfinite(wait) else None
 
 
 def _auth_headers(api_key: str) -> dict[str, str]:
