@@ -3,40 +3,101 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any, NoReturn
 
 from celery import Task, shared_task
+from celery.exceptions import Reject, Retry
+from celery.worker.request import Request
 
 from workers.charging import ChargeRun, Progress
 from workers.errors import ChargeRescheduled, InvalidCharge
 from workers.publication import read_state
+from workers.redaction import charge_reprs
 from workers.runtime import runtime
 from workers.validation import FIELDS, parse_charge
 
+log = logging.getLogger("workers.charges")
+
+# Waits between tries to publish a reschedule the broker refused (a broker at maxmemory
+# refuses every write): about 4 s in all, then the original message goes back to the broker.
+PUBLISH_RETRY_WAITS = (0.2, 0.5, 1.0, 2.0)
+
+
+class RedactedRequest(Request):  # type: ignore[misc]
+    """A charge as the worker shows it (events, inspect, Flower): token and key masked."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Whatever repr the client sent, the worker reports its own.
+        if isinstance(self._args, list | tuple) and isinstance(self._kwargs, dict):
+            self._argsrepr, self._kwargsrepr = charge_reprs(self._args, self._kwargs)
+
 
 class ChargeTask(Task):  # type: ignore[misc]
-    """A charge: acked late, requeued if its worker process is lost, retried on our terms."""
+    """A charge: acked late, requeued if its worker process is lost, rescheduled on our terms."""
 
     acks_late = True
     reject_on_worker_lost = True
     # Attempts and deferrals are counted in our own headers: Celery's retry count covers both.
     max_retries = None
     typing = False
+    Request = RedactedRequest
 
     def reschedule(self, countdown: float, headers: dict[str, Any], reason: str) -> NoReturn:
-        """Send this charge again after countdown seconds, with its progress in the headers."""
-        merged = {**(self.request.headers or {}), **headers}
-        raise self.retry(countdown=countdown, headers=merged, exc=ChargeRescheduled(reason))
+        """Send this charge again after countdown seconds, with its progress in the headers.
+
+        As Task.retry, but a message that cannot be published is never dropped: Task.retry
+        turns a publish error into Reject(requeue=False), which acks the original. Here the
+        original goes back to the broker, to be delivered again.
+        """
+        request = self.request
+        argsrepr, kwargsrepr = charge_reprs(request.args or (), request.kwargs or {})
+        signature = self.signature_from_request(
+            request,
+            countdown=countdown,
+            retries=request.retries + 1,
+            headers={**(request.headers or {}), **headers},
+            argsrepr=argsrepr,
+            kwargsrepr=kwargsrepr,
+        )
+        error = _publish(signature)
+        if error is not None:
+            log.error(
+                "Charge task %s: its reschedule could not be published (%s: %s); the message "
+                "goes back to the broker to be delivered again",
+                request.id, type(error).__name__, " ".join(str(error).split())[:120],
+            )
+            raise Reject(error, requeue=True)
+        raise Retry(exc=ChargeRescheduled(reason), when=countdown, sig=signature)
+
+
+def _publish(signature: Any) -> Exception | None:
+    """Publish signature, trying again while the broker refuses; return the last error."""
+    for wait in (*PUBLISH_RETRY_WAITS, None):
+        try:
+            signature.apply_async()
+        except Exception as exc:  # any refusal: connection, maxmemory, ACL, ...
+            if wait is None:
+                return exc
+            time.sleep(wait)
+        else:
+            return None
+    return None
 
 
 @shared_task(bind=True, base=ChargeTask, name="payments.charge")
 def charge(self: ChargeTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Charge an order once, guarded by the breaker of its payment method."""
     request = parse_charge(_arguments(args, kwargs))
-    progress = Progress.from_headers(self.request.headers, now=time.time())
-    holder = f"{self.request.id}:{self.request.retries}"
-    return ChargeRun(runtime(self.app), self, holder, request, progress).run()
+    task = self.request
+    progress = Progress.from_headers(task.headers, now=time.time())
+    redelivered = bool((task.delivery_info or {}).get("redelivered"))
+    return ChargeRun(
+        runtime(self.app), self, task.id, f"{task.id}:{task.retries}", request, progress,
+        redelivered=redelivered,
+    ).run()
 
 
 @shared_task(bind=True, name="breaker.publish_state")
