@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 from celery import Celery, signals
+from celery.utils.serialization import jsonify, strtobool
+from celery.worker.control import inspect_command
 from kombu.entity import Queue
 
 from workers import redaction
-from workers.config import Settings, SettingsError, read_settings
+from workers.config import Settings, SettingsError, read_settings, redis_broker
 from workers.runtime import forget
 
 PUBLISHER_QUEUE = "breaker"
@@ -32,14 +35,22 @@ def configure(app: Celery) -> Settings:
     settings = read_settings(app.conf)
     for name, value in vars(settings).items():
         app.conf[name] = value
-    broker_url = str(app.conf.broker_url or "")
+    broker_url = app.conf.broker_url or ""
     transport_options = dict(app.conf.broker_transport_options or {})
-    if broker_url.startswith(("redis://", "rediss://", "unix://")):
+    if redis_broker(broker_url):
         vt = settings.visibility_timeout
         transport_options.setdefault("visibility_timeout", vt)
         # Sweep for charges of a worker that died often enough to bring them back in time.
         transport_options.setdefault("unacked_restore_interval", max(1, min(10, int(vt / 4))))
         transport_options.setdefault("unacked_restore_throttle", 1)
+        if not app.conf.broker_transport:
+            # kombu's own, but keeping every message when the broker is at maxmemory.
+            sentinel = str(broker_url if isinstance(broker_url, str) else broker_url[0])
+            app.conf.broker_transport = (
+                "workers.broker:SentinelTransport"
+                if sentinel.startswith("sentinel")
+                else "workers.broker:Transport"
+            )
     app.conf.update(
         broker_transport_options=transport_options,
         task_serializer="json",
@@ -71,6 +82,40 @@ def configure(app: Celery) -> Settings:
         app.conf.imports = [*app.conf.imports, "workers.tasks"]
     forget(app)
     return settings
+
+
+# user:password@ in any URL, also in ';'-separated lists (sentinel://...;sentinel://...).
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/\s;]*):[^@/\s;]+@")
+
+
+def mask_url_passwords(value: Any) -> Any:
+    """Return value with the password of every URL in it masked, through dicts and lists."""
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\g<head>:********@", value)
+    if isinstance(value, dict):
+        return {k: mask_url_passwords(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(mask_url_passwords(v) for v in value)
+    return value
+
+
+@inspect_command(
+    alias="dump_conf",
+    signature="[include_defaults=False]",
+    args=[("with_defaults", strtobool)],
+)
+def conf(state: Any, with_defaults: bool = False, **kwargs: Any) -> Any:
+    """List configuration, as Celery's own `conf`, with every URL password masked.
+
+    Celery masks the settings it knows (broker_url, result_backend, *password*); a URL
+    under another name, such as breaker_redis_url, would show its password in Flower.
+    """
+    table = state.app.conf.table(with_defaults=with_defaults)
+    return jsonify(
+        mask_url_passwords(table),
+        keyfilter=lambda key: isinstance(key, str) and not key.startswith("__"),
+        unknown_type_filter=repr,
+    )
 
 
 @signals.after_setup_logger.connect

@@ -20,19 +20,19 @@ import redis
 from breaker import CircuitBreaker, CircuitBreakerOpenError, Permit
 from workers.errors import ChargeExpired, ChargeFailed, ChargeRejected
 from workers.orders import Begin, PendingAttempt, Settled
-from workers.policy import backoff, deferral
+from workers.policy import (
+    BUSY_RETRY_SECONDS,
+    RECORD_RETRY_WAITS,
+    STALE_RETRY_SECONDS,
+    STORE_RETRY_SECONDS,
+    backoff,
+    deferral,
+)
 from workers.provider import ProviderAnswer, ProviderFailure, ProviderRejection
 from workers.runtime import Runtime
 from workers.validation import ChargeRequest
 
 log = logging.getLogger("workers.charges")
-
-# Countdown when the order book (Redis) cannot be reached before a call: the charge waits.
-STORE_RETRY_SECONDS = 2.0
-# Countdown when another message took the order between this run's begin and its attempt.
-STALE_RETRY_SECONDS = 0.5
-# Waits between tries to record an outcome the provider gave: it is money that moved.
-RECORD_RETRY_WAITS = (0.05, 0.25, 1.0)
 
 
 class Rescheduler(Protocol):
@@ -158,7 +158,9 @@ class ChargeRun:
         if book.busy_for:
             if permit is not None:
                 permit.release()
-            self._defer(book.busy_for, "another message is charging this order")
+            self._defer(
+                min(book.busy_for, BUSY_RETRY_SECONDS), "another message is charging this order"
+            )
         return book
 
     def _settle_pending(self, permit: Permit, pending: PendingAttempt) -> dict[str, Any] | None:
@@ -462,8 +464,10 @@ class ChargeRun:
                 f"{self.settings.payment_charge_deadline:g}s passed ({why})."
                 + self._unknown_note(self.progress.maybe_reached)
             )
-        # Never sleep past the deadline: wake at it and settle the charge then.
-        countdown = round(max(0.0, min(countdown, left + 0.01)), 3)
+        # Never sleep past the deadline (wake at it and settle the charge then), nor longer
+        # than the broker's visibility timeout covers (the breaker is asked again on waking).
+        countdown = min(countdown, left + 0.01, self.settings.longest_countdown)
+        countdown = round(max(0.0, countdown), 3)
         log.info(
             "Charge %s %s in %.3fs (attempts %d, deferrals %d)",
             self.charge.order_id, why, countdown, self.progress.attempts, self.progress.deferrals,

@@ -12,8 +12,13 @@ from urllib.parse import urlsplit
 
 from breaker import BreakerConfig
 from breaker.registry import validate_overrides
+from workers.policy import BUSY_RETRY_SECONDS, STORE_RETRY_SECONDS, deferral_spread
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# Broker URL schemes served by kombu's Redis transports, whose unacked messages come back
+# after the visibility timeout.
+REDIS_BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
 
 
 class SettingsError(ValueError):
@@ -67,15 +72,31 @@ class Settings:
         return max([self.breaker_timeout, *(c.timeout_seconds for c in configs.values())])
 
     @property
+    def order_lock_ttl(self) -> float:
+        """Return how long the order lock outlives one provider call's total deadline."""
+        return self.payment_provider_timeout + 5.0
+
+    @property
+    def longest_countdown(self) -> float:
+        """Return the longest countdown a charge gives itself: every reschedule is capped here."""
+        open_for = self.longest_breaker_timeout
+        return max(
+            open_for + deferral_spread(open_for),
+            self.payment_retry_backoff_max,
+            STORE_RETRY_SECONDS,
+            BUSY_RETRY_SECONDS,
+        )
+
+    @property
     def visibility_timeout(self) -> float:
         """Return the Redis broker's visibility timeout for these settings.
 
-        Above the longest countdown a charge can be given plus the longest provider call, so
-        a charge waiting on its countdown is not redelivered while its worker is alive.
+        Above the longest countdown plus the longest run (a replay of an earlier attempt and
+        the charge's own: two provider calls), so a charge waiting on its countdown is not
+        redelivered while its worker is alive; 10% and a second more cover queueing.
         """
-        longest_countdown = max(self.longest_breaker_timeout, self.payment_retry_backoff_max)
-        # Jitter adds at most 10% to a countdown; 10% more and a second cover queueing.
-        return round((longest_countdown * 1.1 + self.payment_provider_timeout) * 1.1 + 1.0, 3)
+        longest_run = 2 * self.payment_provider_timeout
+        return round((self.longest_countdown + longest_run) * 1.1 + 1.0, 3)
 
 
 def _integer(name: str, value: Any, low: int, high: int | None = None) -> int:
@@ -203,6 +224,16 @@ def read_settings(
     return settings
 
 
+def redis_broker(broker_url: object) -> bool:
+    """Return True if broker_url (a URL, ';'-separated URLs or a list) is a Redis-family one."""
+    if isinstance(broker_url, list | tuple):
+        broker_url = broker_url[0] if broker_url else ""
+    if not isinstance(broker_url, str):
+        return False
+    scheme = urlsplit(broker_url.split(";")[0].strip()).scheme
+    return scheme in REDIS_BROKER_SCHEMES
+
+
 def default_redis_url(broker_url: object) -> str:
     """Return the broker URL when it is Redis, else the local default."""
     if isinstance(broker_url, str) and broker_url.startswith(("redis://", "rediss://")):
@@ -222,7 +253,7 @@ def _check_together(s: Settings) -> None:
             f"payment_charge_deadline ({s.payment_charge_deadline:g}s) must be longer than the "
             f"broker visibility timeout these settings need ({s.visibility_timeout:g}s: "
             "the longest breaker_timeout or payment_retry_backoff_max, plus "
-            "payment_provider_timeout and a margin), so a charge held by a worker that died "
+            "2 x payment_provider_timeout and a margin), so a charge held by a worker that died "
             "comes back before its deadline"
         )
     if s.breaker_probe_lease and s.breaker_probe_lease < s.payment_provider_timeout:

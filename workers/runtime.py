@@ -68,7 +68,7 @@ def build_runtime(settings: Settings) -> Runtime:
     orders = OrderBook(
         client,
         result_ttl=settings.payment_result_ttl,
-        lock_ttl=settings.payment_provider_timeout + 5.0,
+        lock_ttl=settings.order_lock_ttl,
     )
     return Runtime(
         settings=settings,

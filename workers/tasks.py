@@ -13,16 +13,13 @@ from celery.worker.request import Request
 
 from workers.charging import ChargeRun, Progress
 from workers.errors import ChargeRescheduled, InvalidCharge
+from workers.policy import PUBLISH_RETRY_WAITS
 from workers.publication import read_state
 from workers.redaction import charge_reprs
 from workers.runtime import runtime
 from workers.validation import FIELDS, parse_charge
 
 log = logging.getLogger("workers.charges")
-
-# Waits between tries to publish a reschedule the broker refused (a broker at maxmemory
-# refuses every write): about 4 s in all, then the original message goes back to the broker.
-PUBLISH_RETRY_WAITS = (0.2, 0.5, 1.0, 2.0)
 
 
 class RedactedRequest(Request):  # type: ignore[misc]

@@ -1,0 +1,121 @@
+"""kombu's Redis transports, made to keep every message when the broker is at maxmemory.
+
+kombu delivers a message by BRPOP, then records it as unacked (ZADD + HSET). BRPOP is
+allowed over maxmemory but the ZADD is not, so under ``maxmemory-policy noeviction`` the
+message has already left its queue when the record is refused: it is lost, and the
+consumer dies with "Unrecoverable error". These transports record it anyway, and a reject
+with requeue that the broker refuses leaves the message unacked, restored by the
+visibility timeout, instead of leaking a prefetch slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
+
+log = logging.getLogger("workers.broker")
+
+# Redis refuses a script's first "denyoom" write over maxmemory, but once the script has
+# written anything it lets the rest run, so that a script never stops half-applied. The
+# ZREM (a write that is not denyoom) is that first write; the record follows.
+# KEYS[1] unacked index (sorted set), KEYS[2] unacked hash; ARGV[1] delivery tag,
+# ARGV[2] delivery time (unix s), ARGV[3] the message as kombu stores it.
+RECORD_UNACKED = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return 1
+"""
+
+
+def refuses_writes(exc: BaseException) -> bool:
+    """Return True if a Redis error says the server refuses writes (maxmemory, MISCONF)."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError | redis.exceptions.ExecAbortError):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(("OOM", "MISCONF"))
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis ack emulation, keeping messages that arrive while the broker is full."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        """Record a delivered message as unacked, over maxmemory if need be."""
+        try:
+            super().append(message, delivery_tag)
+        except redis.RedisError as exc:
+            if not refuses_writes(exc):
+                raise
+            self._record_over_maxmemory(message, delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)
+            log.warning(
+                "Broker refuses writes (%s); message %s recorded as unacked anyway so that "
+                "it is not lost", type(exc).__name__, delivery_tag,
+            )
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        """Reject a message; a requeue the broker refuses leaves it for the visibility timeout."""
+        if not requeue:
+            super().reject(delivery_tag, requeue=False)
+            return
+        try:
+            self.restore_by_tag(delivery_tag, leftmost=True)
+        except redis.RedisError as exc:
+            if not refuses_writes(exc):
+                raise
+            log.warning(
+                "Broker refuses writes (%s); message %s stays unacked and comes back after "
+                "the visibility timeout (%gs)",
+                type(exc).__name__, delivery_tag, self.visibility_timeout,
+            )
+        virtual.QoS.ack(self, delivery_tag)
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        """Restore messages past the visibility timeout; wait while the broker refuses writes."""
+        try:
+            super().restore_visible(*args, **kwargs)
+        except redis.RedisError as exc:
+            if not refuses_writes(exc):
+                raise
+            log.warning(
+                "Broker refuses writes (%s); unacked messages are restored once it accepts "
+                "them again", type(exc).__name__,
+            )
+
+    def _record_over_maxmemory(self, message: Any, delivery_tag: str) -> None:
+        delivery = message.delivery_info
+        payload = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.channel.conn_or_acquire() as client:
+            # EVAL is not among the commands kombu's client prefixes: prefix the keys here.
+            prefix = getattr(client, "global_keyprefix", "")
+            keys = [prefix + self.unacked_index_key, prefix + self.unacked_key]
+            client.eval(RECORD_UNACKED, 2, *keys, delivery_tag, time.time(), payload)
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel with the QoS above."""
+
+    QoS = QoS
+
+
+class SentinelChannel(kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel with the QoS above."""
+
+    QoS = QoS
+
+
+class Transport(kombu_redis.Transport):
+    """The redis://, rediss:// and redis+socket:// transport."""
+
+    Channel = Channel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """The sentinel:// transport."""
+
+    Channel = SentinelChannel
