@@ -101,7 +101,7 @@ def serve(ctx: click.Context, host: str, port: int) -> None:
     )
     rt = runtime(ctx.obj.app)
     try:
-        server = ExporterServer(rt.registry, host, port)
+        server = ExporterServer(rt.registry, host, port, orders=rt.orders)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--host'") from None
     try:

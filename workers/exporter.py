@@ -19,6 +19,7 @@ from types import FrameType, TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
 
+import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -26,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from breaker import BreakerRegistry
 from breaker.store import STATES
+from workers.orders import OrderBook
 from workers.publication import StoreUnavailable, one_line, read_state
 
 log = logging.getLogger("workers.exporter")
@@ -76,6 +78,28 @@ class BreakerCollector(Collector):
         up.add_metric([], 1)
         yield up
         yield from families(breakers)
+
+
+class PaymentsCollector(Collector):
+    """The order book's incident count: second charges seen for one order."""
+
+    def __init__(self, orders: OrderBook) -> None:
+        self.orders = orders
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield payments_conflicts_total, read from the order book now (nothing if it is down)."""
+        try:
+            total = self.orders.conflicts_total()
+        except redis.RedisError as exc:
+            log.warning("Order book unavailable for a scrape: %s", one_line(exc))
+            return
+        conflicts = CounterMetricFamily(
+            "payments_conflicts",
+            "Second charges seen for one order (each one an incident: refund it); the orders "
+            "are in the sorted set payments:conflicts:orders",
+        )
+        conflicts.add_metric([], total)
+        yield conflicts
 
 
 def families(breakers: list[dict[str, Any]]) -> list[Metric]:
@@ -161,12 +185,18 @@ class _HTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(
-        self, address: tuple[str, int], family: socket.AddressFamily, breakers: BreakerRegistry
+        self,
+        address: tuple[str, int],
+        family: socket.AddressFamily,
+        breakers: BreakerRegistry,
+        orders: OrderBook | None,
     ) -> None:
         self.address_family = family
         self.breakers = breakers
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(BreakerCollector(breakers))
+        if orders is not None:
+            self.metrics.register(PaymentsCollector(orders))
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -188,14 +218,22 @@ def address_family(host: str, port: int) -> socket.AddressFamily:
 
 
 class ExporterServer:
-    """Serve /metrics and /health for a registry's breakers on host:port, in a thread."""
+    """Serve /metrics and /health for a registry's breakers on host:port, in a thread.
+
+    With an order book, /metrics also counts second charges (payments_conflicts_total).
+    """
 
     def __init__(
-        self, registry: BreakerRegistry, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
+        self,
+        registry: BreakerRegistry,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        orders: OrderBook | None = None,
     ) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an integer from 0 to 65535, got {port!r}")
         self.registry = registry
+        self.orders = orders
         self.host = host
         self.family = address_family(host, port)
         self.requested_port = port
@@ -204,7 +242,9 @@ class ExporterServer:
 
     def start(self) -> Self:
         """Listen and serve in a background thread; raise OSError if the port cannot be had."""
-        server = _HTTPServer((self.host, self.requested_port), self.family, self.registry)
+        server = _HTTPServer(
+            (self.host, self.requested_port), self.family, self.registry, self.orders
+        )
         self._server = server
         # stop() waits for the serving loop's next poll: keep that wait short.
         self._thread = threading.Thread(
