@@ -11,6 +11,7 @@ import pytest
 import redis
 from celery import Celery
 
+from tests.embedded import Worker, embedded_workers
 from tests.redis_server import RedisServer
 from workers.celery import create_app
 from workers.sandbox import SandboxControl, SandboxServer
@@ -103,3 +104,9 @@ def make_app(redis_url: str, sandbox_server: SandboxServer) -> Callable[..., Cel
         return create_app(f"test-app-{next(counter)}", **settings)
 
     return make
+
+
+@pytest.fixture
+def start(make_app: Callable[..., Celery]) -> Iterator[Callable[..., Worker]]:
+    """Return a function that starts an embedded worker (threads pool) with given settings."""
+    yield from embedded_workers(make_app)

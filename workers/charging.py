@@ -126,6 +126,8 @@ class ChargeRun:
         permit = self._admit(self.breaker)
         book = self._begin(permit)
         if book.result is not None:
+            if self._unverified(book):
+                return self._verify(permit, book)
             permit.release()
             return self._earlier(book)
         if book.pending is not None and book.pending.key != self.charge.idempotency_key:
@@ -146,7 +148,10 @@ class ChargeRun:
     def _begin(self, permit: Permit | None) -> Begin:
         """Take the order; defer if the order book cannot be read or another message has it."""
         try:
-            book = self.orders.begin(self.charge.order_id, self.holder, self.task_id, time.time())
+            book = self.orders.begin(
+                self.charge.order_id, self.holder, self.task_id, self.charge.idempotency_key,
+                time.time(),
+            )
         except redis.RedisError as exc:
             if permit is not None:
                 permit.release()
@@ -192,6 +197,39 @@ class ChargeRun:
             )
             return None
         return self._succeeded(answer, pending.key)
+
+    def _unverified(self, book: Begin) -> bool:
+        """Return True if this charge's own key may have charged and the journal cannot say."""
+        if book.own_status in ("unknown", "unsettled"):
+            return True
+        # No record of the key, yet this charge's messages say an attempt may have reached
+        # the provider: the journal lost it (a failover that dropped the last writes).
+        return not book.own_status and self.progress.maybe_reached
+
+    def _verify(self, permit: Permit, book: Begin) -> dict[str, Any]:
+        """Ask the provider once with this charge's key, so a second charge is seen."""
+        key = self.charge.idempotency_key
+        try:
+            answer = self.rt.provider.charge(self.charge, key)
+        except ProviderRejection:
+            permit.success()
+            self._record(key, "rejected", release=False)
+            return self._earlier(book)
+        except Exception as exc:
+            failure = _as_failure(exc)
+            permit.failure(failure)
+            log.error(
+                "Charge %s: the order succeeded as %s, and this charge's own attempt may have "
+                "charged too: the provider could not say (%s). Reconcile order %s.",
+                self.charge.order_id, (book.result or {}).get("charge_id"), failure.reason,
+                self.charge.order_id,
+            )
+            return self._earlier(book)
+        permit.success()
+        if answer.status == "declined":
+            self._record(key, "declined", release=False)
+            return self._earlier(book)
+        return self._succeeded(answer, key, release=False)
 
     def _attempt(self, permit: Permit, request: ChargeRequest, key: str) -> dict[str, Any]:
         """Make this charge's attempt with key and return its result, or end the run."""
@@ -286,9 +324,13 @@ class ChargeRun:
 
     # Outcomes.
 
-    def _succeeded(self, answer: ProviderAnswer, key: str) -> dict[str, Any]:
+    def _succeeded(
+        self, answer: ProviderAnswer, key: str, *, release: bool = True
+    ) -> dict[str, Any]:
         result = self._result(answer)
-        settled = self._record(key, "succeeded", charge_id=answer.charge_id, result=result)
+        settled = self._record(
+            key, "succeeded", charge_id=answer.charge_id, result=result, release=release
+        )
         if settled is None or settled.result is None:
             log.info(
                 "Charge %s succeeded (%s) after %d attempt(s), %d deferral(s)",
@@ -386,13 +428,21 @@ class ChargeRun:
     def _expire(self) -> dict[str, Any]:
         """At the deadline: settle from the journal and the provider, or end; never wait."""
         self.expiring = True
+        log.info(
+            "Charge %s past its deadline (%gs since first receipt): settling it from the journal",
+            self.charge.order_id, time.time() - self.progress.first_received,
+        )
         try:
-            book = self.orders.begin(self.charge.order_id, self.holder, self.task_id, time.time())
+            book = self.orders.begin(
+                self.charge.order_id, self.holder, self.task_id, self.charge.idempotency_key,
+                time.time(),
+            )
         except redis.RedisError as exc:
             raise ChargeExpired(
                 f"order {self.charge.order_id}: not charged within "
                 f"{self.settings.payment_charge_deadline:g}s, and the order book could not be "
-                f"read ({_kind(exc)})." + self._unknown_note(self.progress.maybe_reached)
+                f"read ({_kind(exc)}) to tell whether an attempt reached the provider."
+                + self._unknown_note(True)
             ) from None
         self.fence = book.fence
         self._count_calls(book.calls)

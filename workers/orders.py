@@ -50,9 +50,10 @@ return ARGV[2]
 """
 
 # KEYS[1] order hash, KEYS[2] lock; ARGV[1] holder, ARGV[2] lock TTL (ms), ARGV[3] task id,
-# ARGV[4] now (unix s), ARGV[5] hash TTL (ms).
+# ARGV[4] now (unix s), ARGV[5] hash TTL (ms), ARGV[6] the caller's Idempotency-Key.
 # Reply, first receipt second:
-#   {'done', received, result, conflicts}        the order already succeeded
+#   {'done', received, result, conflicts, status of the caller's key's attempt or ''}
+#                                                the order already succeeded
 #   {'busy', received, lock ms left}             another message holds the order
 #   {'go', received, fence, calls, pending key, pending attempt}  the caller holds it
 # A redelivered message takes its own lock back, under a new fence.
@@ -62,7 +63,9 @@ local rcv_field = 'rcv:' .. ARGV[3]
 local rcv = redis.call('HGET', H, rcv_field)
 local result = redis.call('HGET', H, 'result')
 if result then
-  return {'done', rcv or ARGV[4], result, redis.call('HGET', H, 'conflicts') or ''}
+  local own = redis.call('HGET', H, 'a:' .. ARGV[6])
+  return {'done', rcv or ARGV[4], result, redis.call('HGET', H, 'conflicts') or '',
+          own and cjson.decode(own).status or ''}
 end
 if not rcv then
   rcv = ARGV[4]
@@ -196,6 +199,8 @@ class Begin:
     first_received: float
     result: dict[str, Any] | None = None
     conflicts: list[dict[str, Any]] = field(default_factory=list)
+    # With a result: what the journal knows of the caller's own key ('' if nothing).
+    own_status: str = ""
     busy_for: float = 0.0
     fence: int = 0
     calls: int = 0
@@ -252,14 +257,20 @@ class OrderBook:
         first = self._receive(keys=self.keys(order_id)[:1], args=[task_id, now, self._ttl_ms])
         return float(_text(first))
 
-    def begin(self, order_id: str, holder: str, task_id: str, now: float) -> Begin:
+    def begin(self, order_id: str, holder: str, task_id: str, key: str, now: float) -> Begin:
         """Take the order for holder unless it already succeeded or another message has it."""
         reply = self._begin(
-            keys=self.keys(order_id), args=[holder, self._lock_ttl_ms, task_id, now, self._ttl_ms]
+            keys=self.keys(order_id),
+            args=[holder, self._lock_ttl_ms, task_id, now, self._ttl_ms, key],
         )
         kind, received = _text(reply[0]), float(_text(reply[1]))
         if kind == "done":
-            return Begin(received, result=json.loads(reply[2]), conflicts=_list(reply[3]))
+            return Begin(
+                received,
+                result=json.loads(reply[2]),
+                conflicts=_list(reply[3]),
+                own_status=_text(reply[4]),
+            )
         if kind == "busy":
             return Begin(received, busy_for=int(reply[2]) / 1000)
         pending = None
