@@ -3,8 +3,10 @@
 kombu delivers a message by BRPOP, then records it as unacked (ZADD + HSET). BRPOP is
 allowed over maxmemory but the ZADD is not, so under ``maxmemory-policy noeviction`` the
 message has already left its queue when the record is refused: it is lost, and the
-consumer dies with "Unrecoverable error". These transports record it anyway, and a reject
-with requeue that the broker refuses leaves the message unacked, restored by the
+consumer dies with "Unrecoverable error". Acks die the same way: kombu removes the record in
+a MULTI transaction, and Redis refuses every command queued in MULTI over maxmemory.
+These transports record and remove outside a transaction when the broker is full, and a
+reject with requeue that the broker refuses leaves the message unacked, restored by the
 visibility timeout, instead of leaking a prefetch slot.
 """
 
@@ -32,13 +34,22 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 1
 """
+# Removing frees memory: allowed over maxmemory, except inside MULTI. Same KEYS; ARGV[1] tag.
+REMOVE_UNACKED = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"""
 
 
 def refuses_writes(exc: BaseException) -> bool:
     """Return True if a Redis error says the server refuses writes (maxmemory, MISCONF)."""
     if isinstance(exc, redis.exceptions.OutOfMemoryError | redis.exceptions.ExecAbortError):
         return True
-    return isinstance(exc, redis.ResponseError) and str(exc).startswith(("OOM", "MISCONF"))
+    text = str(exc)
+    return isinstance(exc, redis.ResponseError) and (
+        "command not allowed when used memory" in text or "MISCONF" in text
+    )
 
 
 class QoS(kombu_redis.QoS):
@@ -58,10 +69,26 @@ class QoS(kombu_redis.QoS):
                 "it is not lost", type(exc).__name__, delivery_tag,
             )
 
+    def ack(self, delivery_tag: str) -> None:
+        """Forget an acked message's record, outside a transaction if the broker is full."""
+        try:
+            super().ack(delivery_tag)
+        except redis.RedisError as exc:
+            if not refuses_writes(exc):
+                raise
+            self._eval(REMOVE_UNACKED, delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)
+
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         """Reject a message; a requeue the broker refuses leaves it for the visibility timeout."""
         if not requeue:
-            super().reject(delivery_tag, requeue=False)
+            try:
+                super().reject(delivery_tag, requeue=False)
+            except redis.RedisError as exc:
+                if not refuses_writes(exc):
+                    raise
+                self._eval(REMOVE_UNACKED, delivery_tag)
+                virtual.QoS.ack(self, delivery_tag)
             return
         try:
             self.restore_by_tag(delivery_tag, leftmost=True)
@@ -90,11 +117,14 @@ class QoS(kombu_redis.QoS):
     def _record_over_maxmemory(self, message: Any, delivery_tag: str) -> None:
         delivery = message.delivery_info
         payload = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        self._eval(RECORD_UNACKED, delivery_tag, time.time(), payload)
+
+    def _eval(self, script: str, *args: Any) -> None:
         with self.channel.conn_or_acquire() as client:
             # EVAL is not among the commands kombu's client prefixes: prefix the keys here.
             prefix = getattr(client, "global_keyprefix", "")
             keys = [prefix + self.unacked_index_key, prefix + self.unacked_key]
-            client.eval(RECORD_UNACKED, 2, *keys, delivery_tag, time.time(), payload)
+            client.eval(script, 2, *keys, *args)
 
 
 class Channel(kombu_redis.Channel):
