@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import gc
 import io
+import json
 import logging
 import pickle
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery, signals
 from celery.contrib.testing.worker import start_worker
 
+from tests.redis_server import RedisServer
 from tests.waiting import LogLines, wait_until
 from workers import redaction
+from workers.celery import create_app
 from workers.redaction import MASK, RedactingFilter
-from workers.runtime import forget
-from workers.sandbox import SandboxControl
+from workers.runtime import forget, runtime
+from workers.sandbox import SandboxControl, SandboxServer
 
 TOKEN = "tok_live_s3cr3tvalue"
 KEY = "idem_s3cr3tkey"
@@ -66,6 +71,13 @@ def leaks(text: str) -> list[str]:
         ("Authorization: Bearer %s", (API_KEY,)),
         ("Idempotency-Key: %s", (KEY,)),
         ("card %s", (CARD,)),
+        ("card %s exp 12 34, cvv 123", (CARD,)),
+        ("card %s 12/34", ("4242-4242-4242-4242",)),
+        ("charging %r", ({"payment_token": CARD},)),
+        ("charging %s", ('{"payment_token": "' + CARD + '"}',)),
+        ("args %s", ("('ord_1', 1999, 'usd', '" + CARD + "')",)),
+        ("headers %r", ({"argsrepr": f"('ord_1', 1999, 'usd', '{TOKEN}')"},)),
+        ("body was:\n%s (77b)", ("b'[[\"ord_1\", 1999, \"usd\", \"" + TOKEN + "\"], {}, {}]'",)),
         ("card %s", ("4242-4242-4242-4242",)),
         ("card %s", ("4242424242424242",)),
         ("token %s", ("tok_4242424242424242",)),
@@ -237,3 +249,85 @@ def test_a_charge_leaves_no_token_in_the_worker_log(
     wait_until(lambda: "succeeded in" in captured.text, 20, "the worker's success line")
     assert "Charge ord_1001 succeeded" in captured.text
     assert leaks(captured.text) == []
+
+
+def test_an_unregistered_task_with_positional_arguments_leaves_no_token_in_the_worker_log(
+    worker_log: tuple[Celery, LogLines],
+) -> None:
+    app, captured = worker_log
+
+    app.send_task("payments.refund", args=["ord_1001", 1999, "usd", TOKEN, "card", KEY])
+
+    wait_until(
+        lambda: "The full contents of the message headers" in captured.text, 20,
+        "the worker to refuse the message",
+    )
+    assert "payments.refund" in captured.text
+    assert leaks(captured.text) == []
+
+
+def test_no_token_in_what_the_worker_reports_of_a_deferred_charge(
+    make_app: Callable[..., Celery],
+) -> None:
+    app = make_app(breaker_timeout=3.0, broker_transport_options={"polling_interval": 0.1})
+    events: list[dict[str, Any]] = []
+    with start_worker(
+        app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="INFO"
+    ), app.connection_for_read() as connection:
+        receiver = app.events.Receiver(connection, handlers={"*": events.append})
+        listening = threading.Thread(
+            target=receiver.capture, kwargs={"limit": None, "wakeup": False}, daemon=True
+        )
+        listening.start()
+        runtime(app).registry.get("payments.card").force_open()
+        # The web tier sends the charge with its own redacted repr, as the README shows.
+        app.send_task(
+            "payments.charge", args=["ord_1001", 1999, "usd", TOKEN],
+            kwargs={"idempotency_key": KEY}, argsrepr="('ord_1001', 1999, 'usd', '[redacted]')",
+            kwargsrepr="{'idempotency_key': '[redacted]'}",
+        )
+        wait_until(
+            lambda: any(e["type"] == "task-retried" for e in events), 20, "the deferral's event"
+        )
+        # The deferred copy waits in the worker on its countdown: what `inspect scheduled` shows.
+        scheduled = app.control.inspect(timeout=2).scheduled() or {}
+        receiver.should_stop = True
+        listening.join(timeout=5)
+        gc.collect()
+    forget(app)
+
+    kinds = {e["type"] for e in events}
+    assert {"task-sent", "task-received", "task-retried"} <= kinds
+    sent_by_worker = [e for e in events if e["type"] == "task-sent" and e.get("retries")]
+    assert sent_by_worker, events
+    assert "[redacted]" in sent_by_worker[0]["args"]
+    received = [e for e in events if e["type"] == "task-received"]
+    assert all("[redacted]" in e["args"] for e in received)
+    assert [r for held in scheduled.values() for r in held], "no deferred charge was held"
+    assert [e for e in events if leaks(json.dumps(e))] == []
+    assert leaks(json.dumps(scheduled)) == [], scheduled
+
+
+def test_no_url_password_in_the_config_flower_shows(
+    spare_redis_server: RedisServer, sandbox_server: SandboxServer
+) -> None:
+    password = "s3cr3t-redis-password"
+    admin = redis.Redis.from_url(spare_redis_server.url)
+    admin.config_set("requirepass", password)
+    url = f"redis://:{password}@127.0.0.1:{spare_redis_server.port}/0"
+    app = create_app(
+        "redaction-conf", broker_url=url, result_backend=url, breaker_redis_url=url,
+        payment_provider_url=sandbox_server.url,
+        broker_transport_options={"polling_interval": 0.1},
+    )
+    try:
+        with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
+            replies = app.control.inspect(timeout=2).conf(with_defaults=False) or {}
+    finally:
+        forget(app)
+        app.close()
+        admin.close()
+
+    [conf] = replies.values()
+    assert conf["breaker_redis_url"] == f"redis://:********@127.0.0.1:{spare_redis_server.port}/0"
+    assert password not in json.dumps(replies)

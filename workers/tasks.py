@@ -31,6 +31,11 @@ class RedactedRequest(Request):  # type: ignore[misc]
         if isinstance(self._args, list | tuple) and isinstance(self._kwargs, dict):
             self._argsrepr, self._kwargsrepr = charge_reprs(self._args, self._kwargs)
 
+    def info(self, safe: bool = False) -> dict[str, Any]:
+        """Describe the request for `inspect active/reserved/scheduled`: reprs, never arguments."""
+        described: dict[str, Any] = super().info(safe=True)
+        return described
+
 
 class ChargeTask(Task):  # type: ignore[misc]
     """A charge: acked late, requeued if its worker process is lost, rescheduled on our terms."""
