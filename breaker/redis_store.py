@@ -29,7 +29,16 @@ log = logging.getLogger("breaker")
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 
 # Errors that mean "Redis cannot be reached right now", as opposed to a bug in a script.
-UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
+# A Redis Cluster that lost a master answers CLUSTERDOWN (ClusterError), and when no node
+# answers redis-py raises RedisClusterException ("cannot be connected"): neither is a
+# ConnectionError.
+UNREACHABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.RedisClusterException,
+)
 
 # Tickets handed out by the per-process fallback carry their generation negated; Redis
 # generations are server timestamps in milliseconds, always positive.
