@@ -102,33 +102,13 @@ def client_from_url(
     options are redis-py connection options for the data servers, over DEFAULT_OPTIONS.
     master_name is required by sentinel:// URLs (ignored otherwise); sentinel_kwargs are the
     options of the connections to the sentinels themselves, e.g. {"password": ...}.
-    RedisCluster reads the slot map at once: a cluster no listed node answers raises
-    redis.exceptions.RedisClusterException here.
+    RedisCluster reads the slot map at once: if no listed node answers, this raises
+    redis.exceptions.RedisClusterException.
     """
-    target = parse_url(url)
-    settings = {**DEFAULT_OPTIONS, "retry": _data_retry(), **options}
-    if target.kind == "redis":
-        return redis.Redis.from_url(url, **settings)
-    if target.kind == "cluster":
-        settings["retry"] = options.get("retry", Retry(NoBackoff(), 1))
-        return redis.cluster.RedisCluster(
-            startup_nodes=[
-                redis.cluster.ClusterNode(host, port) for host, port in target.addresses
-            ],
-            **settings, **_credentials(target), ssl=target.ssl,
-        )
-    sentinel = redis.sentinel.Sentinel(
-        target.addresses,
-        sentinel_kwargs=_sentinel_options(settings, sentinel_kwargs, Retry(NoBackoff(), 0)),
-        **settings,
+    client: redis.Redis | redis.cluster.RedisCluster = _build(
+        _SYNC, url, master_name, sentinel_kwargs, options
     )
-    master: redis.Redis = sentinel.master_for(
-        _check_master_name(master_name),
-        connection_pool_class=MasterFollowingPool,
-        db=target.db,
-        **_credentials(target),
-    )
-    return master
+    return client
 
 
 def async_client_from_url(
@@ -142,35 +122,10 @@ def async_client_from_url(
 
     No connection is made before the first command, the cluster's slot map included.
     """
-    target = parse_url(url)
-    async_retry = redis.asyncio.retry.Retry
-    settings = {
-        **DEFAULT_OPTIONS,
-        "retry": async_retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        **options,
-    }
-    if target.kind == "redis":
-        return redis.asyncio.Redis.from_url(url, **settings)
-    if target.kind == "cluster":
-        settings["retry"] = options.get("retry", async_retry(NoBackoff(), 1))
-        return redis.asyncio.cluster.RedisCluster(
-            startup_nodes=[
-                redis.asyncio.cluster.ClusterNode(host, port) for host, port in target.addresses
-            ],
-            **settings, **_credentials(target), ssl=target.ssl,
-        )
-    sentinel = redis.asyncio.sentinel.Sentinel(
-        target.addresses,
-        sentinel_kwargs=_sentinel_options(settings, sentinel_kwargs, async_retry(NoBackoff(), 0)),
-        **settings,
+    client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster = _build(
+        _ASYNC, url, master_name, sentinel_kwargs, options
     )
-    master: redis.asyncio.Redis = sentinel.master_for(
-        _check_master_name(master_name),
-        connection_pool_class=AsyncMasterFollowingPool,
-        db=target.db,
-        **_credentials(target),
-    )
-    return master
+    return client
 
 
 class MasterFollowingPool(redis.sentinel.SentinelConnectionPool):
@@ -213,26 +168,77 @@ class AsyncMasterFollowingPool(redis.asyncio.sentinel.SentinelConnectionPool):
         return await super().get_connection(*args, **kwargs)
 
 
-def _data_retry() -> Retry:
+@dataclass(frozen=True)
+class _Flavour:
+    """The redis-py classes of one side, sync or asyncio."""
+
+    redis: Any
+    cluster: Any
+    cluster_node: Any
+    sentinel: Any
+    master_pool: Any
+    retry: Any
+
+
+_SYNC = _Flavour(redis.Redis, redis.cluster.RedisCluster, redis.cluster.ClusterNode,
+                 redis.sentinel.Sentinel, MasterFollowingPool, Retry)
+_ASYNC = _Flavour(redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster,
+                  redis.asyncio.cluster.ClusterNode, redis.asyncio.sentinel.Sentinel,
+                  AsyncMasterFollowingPool, redis.asyncio.retry.Retry)
+
+
+def _build(
+    flavour: _Flavour,
+    url: str,
+    master_name: str | None,
+    sentinel_kwargs: dict[str, Any] | None,
+    options: dict[str, Any],
+) -> Any:
+    target = parse_url(url)
     # One immediate retry, on a fresh connection, of a command whose connection broke: the
     # server closed it (restart, idle timeout, the CLIENT KILL a sentinel sends a demoted
     # master) or a demoted master answered READONLY, which redis-py's Sentinel connection
     # turns into a ConnectionError; for a Sentinel client the fresh connection asks the
     # sentinels where the master is now. Not on a timeout: a write that timed out may have
     # run. Anything longer is the store's job: it falls back and tries again once per
-    # reconnect_interval, instead of holding the guarded call.
-    return Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    # reconnect_interval instead of holding the guarded call.
+    retry = flavour.retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    settings = {**DEFAULT_OPTIONS, "retry": retry, **options}
+    if target.kind == "redis":
+        return flavour.redis.from_url(url, **settings)
+    if target.kind == "cluster":
+        # The cluster client's own retry, which re-reads the slot map between tries; its
+        # default (10, with backoff) would hold a call for seconds too.
+        settings["retry"] = options.get("retry", flavour.retry(NoBackoff(), 1))
+        settings.update(_credentials(target))
+        if target.ssl:
+            settings["ssl"] = True
+        nodes = [flavour.cluster_node(host, port) for host, port in target.addresses]
+        return flavour.cluster(startup_nodes=nodes, **settings)
+    sentinel = flavour.sentinel(
+        target.addresses,
+        sentinel_kwargs=_sentinel_options(settings, sentinel_kwargs, flavour.retry),
+        **settings,
+    )
+    return sentinel.master_for(
+        _check_master_name(master_name),
+        connection_pool_class=flavour.master_pool,
+        db=target.db,
+        **_credentials(target),
+    )
 
 
 def _sentinel_options(
-    settings: dict[str, Any], given: dict[str, Any] | None, retry: object
+    settings: dict[str, Any], given: dict[str, Any] | None, retry_class: Any
 ) -> dict[str, Any]:
-    # Without its own retry, redis-py gives every sentinel client its default of 10 retries
-    # with backoff: a dead sentinel cost 4.3 s per command before the next one was asked.
+    # No retries: redis-py would give every sentinel client its default of 10 with backoff,
+    # and a dead sentinel cost 4.3 s per command before the next one was asked.
     if given is not None and not isinstance(given, dict):
-        raise ValueError(f"sentinel_kwargs must be a dict of connection options, got {given!r}")
+        raise ValueError(
+            f"sentinel_kwargs must be a dict of connection options, got {type(given).__name__}"
+        )
     inherited = {k: v for k, v in settings.items() if k.startswith("socket_")}
-    return {**inherited, "retry": retry, **(given or {})}
+    return {**inherited, "retry": retry_class(NoBackoff(), 0), **(given or {})}
 
 
 def _check_master_name(master_name: object) -> str:

@@ -189,6 +189,13 @@ def test_sentinel_url_gives_a_master_client_that_follows_the_sentinels() -> None
     client.close()
 
 
+def test_sentinel_kwargs_that_are_not_a_dict_raise_value_error_naming_only_their_type() -> None:
+    with pytest.raises(ValueError, match=r"\bsentinel_kwargs\b.*got str") as caught:
+        client_from_url("sentinel://s1:1", master_name="m", sentinel_kwargs=SECRET)  # type: ignore[arg-type]
+
+    assert SECRET not in str(caught.value)
+
+
 @pytest.mark.parametrize("master_name", [None, "", 3])
 def test_sentinel_url_without_a_master_name_raises_value_error_naming_it(
     master_name: Any,
