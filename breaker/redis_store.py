@@ -16,8 +16,10 @@ from importlib import resources
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
+from breaker.connection import client_from_url
 from breaker.memory import MemoryStore
 from breaker.state import BreakerConfig, CircuitBreakerOpenError, CircuitState, Outcome
 from breaker.store import StateView, Ticket, TransitionHook, build_snapshot
@@ -27,7 +29,16 @@ log = logging.getLogger("breaker")
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 
 # Errors that mean "Redis cannot be reached right now", as opposed to a bug in a script.
-UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
+# A Redis Cluster that lost a master answers CLUSTERDOWN (ClusterError), and when no node
+# answers redis-py raises RedisClusterException ("cannot be connected"): neither is a
+# ConnectionError.
+UNREACHABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.RedisClusterException,
+)
 
 # Tickets handed out by the per-process fallback carry their generation negated; Redis
 # generations are server timestamps in milliseconds, always positive.
@@ -64,15 +75,19 @@ class RedisStore:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         *,
         prefix: str = "breaker",
         key_ttl_seconds: float = 7 * 24 * 3600,
         staleness_seconds: float = 1.0,
         reconnect_interval: float = 1.0,
     ) -> None:
-        if not isinstance(client, redis.Redis):
-            raise ValueError(f"client must be a redis.Redis, got {type(client).__name__}")
+        # A Sentinel master client (Sentinel.master_for) is a redis.Redis on its own pool.
+        if not isinstance(client, redis.Redis | RedisCluster):
+            raise ValueError(
+                "client must be a redis.Redis (a Sentinel master client is one) or a "
+                f"redis.cluster.RedisCluster, got {type(client).__name__}"
+            )
         if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix must be a non-empty string without braces, got {prefix!r}")
         for field, value in (
@@ -102,16 +117,24 @@ class RedisStore:
         self._health_lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> RedisStore:
-        """Return a store on the Redis at url, with short socket timeouts."""
-        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"url must be a redis://, rediss:// or unix:// URL, got {url!r}")
+    def from_url(
+        cls,
+        url: str,
+        *,
+        master_name: str | None = None,
+        sentinel_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> RedisStore:
+        """Return a store on what url names (breaker.connection), with short socket timeouts."""
         client_options = {
-            "socket_timeout": kwargs.pop("socket_timeout", 1.0),
-            "socket_connect_timeout": kwargs.pop("socket_connect_timeout", 1.0),
-            "health_check_interval": kwargs.pop("health_check_interval", 30),
+            key: kwargs.pop(key)
+            for key in ("socket_timeout", "socket_connect_timeout", "health_check_interval")
+            if key in kwargs
         }
-        return cls(redis.Redis.from_url(url, **client_options), **kwargs)
+        client = client_from_url(
+            url, master_name=master_name, sentinel_kwargs=sentinel_kwargs, **client_options
+        )
+        return cls(client, **kwargs)
 
     def keys(self, name: str) -> list[str]:
         """Return the circuit hash and probe lease keys of name, in one cluster hash slot."""

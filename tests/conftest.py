@@ -13,6 +13,7 @@ from celery import Celery
 
 from tests.embedded import Worker, embedded_workers
 from tests.redis_server import RedisServer
+from tests.topologies import ClusterTopology, SentinelTopology, running
 from workers.celery import create_app
 from workers.sandbox import SandboxControl, SandboxServer
 
@@ -48,6 +49,31 @@ def spare_redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+# Redis topologies: a master and a replica under Sentinel, a 3-master Cluster. Each skips,
+# saying why, on a machine whose redis-server or redis-cli cannot run it.
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[ClusterTopology]:
+    """Start a 3-master Redis Cluster for the whole session."""
+    with running(ClusterTopology()) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: ClusterTopology) -> str:
+    """Return the session cluster's redis+cluster:// URL, every node emptied before the test."""
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
+@pytest.fixture
+def sentinel_topology() -> Iterator[SentinelTopology]:
+    """Start a master, a replica and a sentinel of the test's own: a failover swaps them."""
+    with running(SentinelTopology()) as topology:
+        yield topology
 
 
 # The Celery side: a sandbox provider over real HTTP, and apps configured for short timeouts.
