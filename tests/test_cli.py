@@ -71,8 +71,10 @@ def cli_env(redis_url: str) -> dict[str, str]:
 
 
 def table_rows(stdout: str) -> dict[str, dict[str, str]]:
-    """Return the status table's rows by breaker name, after checking its header."""
-    lines = stdout.splitlines()
+    """Return the status table's rows by breaker name, after the lines saying where it reads."""
+    where, _, table = stdout.partition("\n\n")
+    assert where.startswith("Breakers and order book: "), stdout
+    lines = table.splitlines()
     assert lines[0].split() == HEADER
     return {cells[0]: dict(zip(HEADER, cells, strict=True))
             for cells in (line.split() for line in lines[1:])}
@@ -131,7 +133,10 @@ def test_status_on_a_store_no_breaker_used_yet_says_so(app: Celery, redis_url: s
     )
 
     assert result.exit_code == 0, result.output
-    assert result.output == f"No breaker has been used on {redis_url} yet.\n"
+    assert result.output == (
+        f"Breakers and order book: {redis_url}\nBroker: {redis_url}\nResults: {redis_url}\n\n"
+        f"No breaker has been used on {redis_url} yet.\n"
+    )
 
 
 def test_reset_closes_an_open_breaker_and_keeps_its_running_totals(

@@ -203,3 +203,145 @@ def test_a_bad_setting_stops_celery_at_start_with_one_line_naming_it(
     assert "BREAKER_TIMEOUT" in output[0]
     assert "abc" in output[0]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("broker_url", "transport"),
+    [
+        ("redis://10.0.0.5:6379/0", "workers.broker:Transport"),
+        ("rediss://:pw@cache.example.com:6380/0", "workers.broker:Transport"),
+        ("redis+socket:///run/redis/redis.sock", "workers.broker:Transport"),
+        ("redis://10.0.0.5:6379/0;redis://10.0.0.6:6379/0", "workers.broker:Transport"),
+        ("sentinel://10.0.0.7:26379;sentinel://10.0.0.8:26379/0",
+         "workers.broker:SentinelTransport"),
+    ],
+)
+def test_every_redis_family_broker_gets_a_visibility_timeout_above_every_countdown(
+    broker_url: str, transport: str
+) -> None:
+    app = create_app(
+        broker_url=broker_url, breaker_timeout=45,
+        broker_transport_options={"master_name": "pay"},
+    )
+    settings = read_settings(app.conf)
+    options = app.conf.broker_transport_options
+
+    assert options["visibility_timeout"] == settings.visibility_timeout
+    assert app.conf.broker_transport == transport
+    # Every countdown the task can give itself is capped at longest_countdown; a run after
+    # it makes at most two provider calls.
+    assert settings.longest_countdown >= 45 + 4.5  # the breaker timeout and its spread
+    assert settings.longest_countdown >= settings.payment_retry_backoff_max
+    assert options["visibility_timeout"] > (
+        settings.longest_countdown + 2 * settings.payment_provider_timeout
+    )
+    assert options["visibility_timeout"] < settings.payment_charge_deadline
+
+
+def test_a_broker_that_is_not_redis_gets_no_visibility_timeout_nor_our_transport() -> None:
+    app = create_app(broker_url="amqp://guest@localhost//")
+
+    assert "visibility_timeout" not in (app.conf.broker_transport_options or {})
+    assert app.conf.broker_transport is None
+    assert app.conf.result_backend is None
+
+
+def test_results_default_to_a_redis_broker_so_the_web_tier_gets_an_answer() -> None:
+    assert create_app(broker_url="redis://10.0.0.5:6379/3").conf.result_backend == (
+        "redis://10.0.0.5:6379/3"
+    )
+    kept = create_app(broker_url="redis://10.0.0.5:6379/3", result_backend="rpc://")
+    assert kept.conf.result_backend == "rpc://"
+
+
+def test_a_sentinel_broker_is_followed_by_the_breakers_and_the_results() -> None:
+    url = "sentinel://10.0.0.7:26379;sentinel://10.0.0.8:26379/2"
+    app = create_app(
+        broker_url=url,
+        broker_transport_options={"master_name": "payments", "sentinel_kwargs": {"password": "s"}},
+    )
+    settings = read_settings(app.conf)
+
+    assert settings.breaker_redis_url == url
+    assert settings.breaker_redis_master_name == "payments"
+    assert settings.breaker_redis_sentinel_kwargs == {"password": "s"}
+    assert app.conf.result_backend == url
+    assert app.conf.result_backend_transport_options["master_name"] == "payments"
+
+
+def test_a_sentinel_breaker_store_without_a_master_name_is_refused_naming_the_setting() -> None:
+    with pytest.raises(SettingsError, match="breaker_redis_master_name"):
+        create_app(broker_url="amqp://guest@localhost//",
+                   breaker_redis_url="sentinel://:pw@10.0.0.7:26379/0")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis+cluster://10.0.0.1:7000,10.0.0.2:7001", "unix:///run/redis.sock?db=2",
+     "sentinel://10.0.0.7:26379/0"],
+)
+def test_the_breaker_store_takes_cluster_sentinel_and_unix_urls(url: str) -> None:
+    app = create_app(breaker_redis_url=url, breaker_redis_master_name="payments")
+    assert read_settings(app.conf).breaker_redis_url == url
+
+
+CONFIG_MODULE = '''
+broker_url = "{broker}"
+result_backend = "{backend}"
+worker_prefetch_multiplier = 7
+breaker_timeout = 12.5
+payment_provider_url = "http://payments.internal:8099"
+'''
+
+
+def app_from_config_module(
+    tmp_path: Path, env: dict[str, str], module: str = CONFIG_MODULE
+) -> dict[str, Any]:
+    """Import workers.celery in a fresh process with a config module; return what it set."""
+    (tmp_path / "shopconfig.py").write_text(
+        module.format(broker="redis://10.9.9.9:6379/4", backend="redis://10.9.9.9:6379/5")
+    )
+    probe = (
+        "import json; from workers.celery import app; c = app.conf; "
+        "print(json.dumps({k: c[k] if k not in ('broker_url', 'result_backend') else "
+        "getattr(c, k) for k in ('broker_url', 'result_backend', 'worker_prefetch_multiplier', "
+        "'breaker_timeout', 'payment_provider_url', 'breaker_redis_url')}))"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "BREAKER_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=60, env={**clean, "PYTHONPATH": str(tmp_path),
+                         "CELERY_CONFIG_MODULE": "shopconfig", **env},
+    )
+    assert done.returncode == 0, done.stderr
+    loaded: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return loaded
+
+
+def test_a_config_module_is_honoured_for_every_setting_broker_and_results_included(
+    tmp_path: Path,
+) -> None:
+    conf = app_from_config_module(tmp_path, {})
+
+    assert conf == {
+        "broker_url": "redis://10.9.9.9:6379/4",
+        "result_backend": "redis://10.9.9.9:6379/5",
+        "worker_prefetch_multiplier": 7,
+        "breaker_timeout": 12.5,
+        "payment_provider_url": "http://payments.internal:8099",
+        "breaker_redis_url": "redis://10.9.9.9:6379/4",
+    }
+
+
+def test_the_environment_wins_over_a_config_module(tmp_path: Path) -> None:
+    conf = app_from_config_module(tmp_path, {
+        "CELERY_BROKER_URL": "redis://10.1.1.1:6379/0",
+        "CELERY_RESULT_BACKEND": "redis://10.1.1.1:6379/1",
+        "BREAKER_TIMEOUT": "3",
+    })
+
+    assert conf["broker_url"] == "redis://10.1.1.1:6379/0"
+    assert conf["result_backend"] == "redis://10.1.1.1:6379/1"
+    assert conf["breaker_timeout"] == 3.0
+    assert conf["breaker_redis_url"] == "redis://10.1.1.1:6379/0"
+    assert conf["payment_provider_url"] == "http://payments.internal:8099"

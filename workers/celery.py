@@ -12,11 +12,14 @@ from celery.utils.serialization import jsonify, strtobool
 from celery.worker.control import inspect_command
 from kombu.entity import Queue
 
+from breaker.connection import safe_url
 from workers import redaction
 from workers.config import Settings, SettingsError, read_settings, redis_broker
 from workers.runtime import forget
 
 PUBLISHER_QUEUE = "breaker"
+# The broker when neither CELERY_BROKER_URL nor a config module names one.
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
 
 def create_app(main: str = "workers", **conf: Any) -> Celery:
@@ -30,8 +33,15 @@ def create_app(main: str = "workers", **conf: Any) -> Celery:
 def configure(app: Celery) -> Settings:
     """Read and validate the settings into app.conf, and derive the Celery settings they imply.
 
-    Raises SettingsError naming the bad setting. Call again after changing app.conf.
+    The broker and the result backend come from CELERY_BROKER_URL / CELERY_RESULT_BACKEND,
+    else from app.conf (a config module named by CELERY_CONFIG_MODULE included), else the
+    local Redis; results default to the broker when it is Redis, so the web tier's
+    result.get() has an answer. Raises SettingsError naming the bad setting. Call again
+    after changing app.conf.
     """
+    if not app.conf.broker_url:
+        app.conf.broker_url = DEFAULT_BROKER_URL
+    _default_results(app)
     settings = read_settings(app.conf)
     for name, value in vars(settings).items():
         app.conf[name] = value
@@ -75,13 +85,33 @@ def configure(app: Celery) -> Settings:
     if not app.conf.task_queues:
         # The publisher has a queue of its own, so it is not stuck behind a backlog of
         # charges at the very moment the breaker state matters most.
-        app.conf.task_queues = [Queue(app.conf.task_default_queue), Queue(PUBLISHER_QUEUE)]
+        app.conf.task_queues = [
+            Queue(app.conf.task_default_queue),
+            Queue(PUBLISHER_QUEUE, routing_key=PUBLISHER_QUEUE),
+        ]
         app.conf.task_routes = {"breaker.publish_state": {"queue": PUBLISHER_QUEUE}}
     app.conf.setdefault("imports", [])
     if "workers.tasks" not in app.conf.imports:
         app.conf.imports = [*app.conf.imports, "workers.tasks"]
     forget(app)
     return settings
+
+
+def _default_results(app: Celery) -> None:
+    """Store results in the broker's Redis unless told otherwise; carry Sentinel's master."""
+    broker_url = app.conf.broker_url
+    if not app.conf.result_backend and redis_broker(broker_url):
+        first = broker_url[0] if isinstance(broker_url, list | tuple) else str(broker_url)
+        if not first.startswith("sentinel://"):
+            first = first.split(";")[0]
+        app.conf.result_backend = first.replace("redis+socket://", "socket://", 1)
+    backend = str(app.conf.result_backend or "")
+    if backend.startswith("sentinel://"):
+        options = dict(app.conf.result_backend_transport_options or {})
+        master = (app.conf.broker_transport_options or {}).get("master_name")
+        if master and "master_name" not in options:
+            options["master_name"] = master
+            app.conf.result_backend_transport_options = options
 
 
 # user:password@ in any URL, also in ';'-separated lists (sentinel://...;sentinel://...).
@@ -118,6 +148,24 @@ def conf(state: Any, with_defaults: bool = False, **kwargs: Any) -> Any:
     )
 
 
+@signals.celeryd_after_setup.connect
+def _banner_shows_the_breakers(sender: str, instance: Any, conf: Any, **_: Any) -> None:
+    """Add where the breakers and the order book live to the worker's banner."""
+    startup_info = instance.startup_info
+
+    def with_breakers(artlines: bool = True) -> str:
+        lines = str(startup_info(artlines)).split("\n")
+        for i, line in enumerate(lines):
+            if ".> results:" in line:
+                art = line[: line.index(".> results:")]
+                where = f"{safe_url(conf.breaker_redis_url)} (and the order book)"
+                lines.insert(i + 1, f"{art}.> breakers:    {where}")
+                break
+        return "\n".join(lines)
+
+    instance.startup_info = with_breakers
+
+
 @signals.after_setup_logger.connect
 @signals.after_setup_task_logger.connect
 def _redact_logs(logger: logging.Logger, **_: Any) -> None:
@@ -130,10 +178,7 @@ def _redact_logs(logger: logging.Logger, **_: Any) -> None:
 os.environ.setdefault("FLOWER_ADDRESS", "127.0.0.1")
 
 try:
-    app = create_app(
-        broker_url=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
-        result_backend=os.environ.get("CELERY_RESULT_BACKEND"),
-    )
+    app = create_app()
 except SettingsError as exc:
     # A worker, beat or CLI started with a bad setting stops here, saying which one.
     raise SystemExit(f"payment-breaker: bad setting: {exc}") from None

@@ -12,15 +12,14 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import click
-import redis
 from celery.bin.base import CeleryCommand
 
 from breaker import CircuitBreaker
+from breaker.connection import safe_url
 from workers.exporter import DEFAULT_HOST, DEFAULT_PORT, ExporterServer
-from workers.publication import StoreUnavailable, one_line, read_state
+from workers.publication import STORE_ERRORS, StoreUnavailable, one_line, read_state
 from workers.runtime import Runtime, runtime
 
 # sysexits.h EX_UNAVAILABLE: a service the command needs cannot be reached.
@@ -61,10 +60,17 @@ def status(ctx: click.Context, as_json: bool) -> None:
         raise _unavailable(rt, exc) from None
     if as_json:
         click.echo(json.dumps(state))
-    elif state["breakers"]:
+        return
+    conf = ctx.obj.app.conf
+    click.echo(
+        f"Breakers and order book: {safe_url(rt.settings.breaker_redis_url)}\n"
+        f"Broker: {safe_url(str(conf.broker_url))}\n"
+        f"Results: {safe_url(str(conf.result_backend or 'disabled'))}\n"
+    )
+    if state["breakers"]:
         click.echo(format_table(state["breakers"]))
     else:
-        click.echo(f"No breaker has been used on {_safe_url(rt.settings.breaker_redis_url)} yet.")
+        click.echo(f"No breaker has been used on {safe_url(rt.settings.breaker_redis_url)} yet.")
 
 
 @breaker.command(cls=CeleryCommand)
@@ -111,7 +117,7 @@ def serve(ctx: click.Context, host: str, port: int) -> None:
     # The first line says where it listens: with --port 0 it is the only way to know.
     click.echo(
         f"Serving breaker metrics at {server.url}/metrics and health at {server.url}/health "
-        f"(store {_safe_url(rt.settings.breaker_redis_url)})"
+        f"(store {safe_url(rt.settings.breaker_redis_url)})"
     )
     signum = server.serve_until_signalled()
     click.echo(f"Stopped on signal {signum}.")
@@ -167,14 +173,14 @@ def _operate(
             if not registry.known(name):
                 known = ", ".join(registry.names()) or "none yet"
                 raise click.ClickException(
-                    f"no breaker named {name!r} on {_safe_url(rt.settings.breaker_redis_url)} "
+                    f"no breaker named {name!r} on {safe_url(rt.settings.breaker_redis_url)} "
                     f"(known: {known})"
                 )
             cb = registry.get(name)
             before = cb.snapshot()
             action(cb)
             after = cb.snapshot()
-    except redis.RedisError as exc:
+    except STORE_ERRORS as exc:
         raise _unavailable(rt, exc) from None
     # The store falls back to a per-process circuit when Redis stops answering: an action
     # taken there would change nothing any worker sees.
@@ -187,13 +193,7 @@ def _unavailable(rt: Runtime, reason: object) -> StoreUnavailableExit:
     """Return the one-line error for a breaker store that cannot be reached."""
     text = one_line(reason) if isinstance(reason, BaseException) else str(reason)
     return StoreUnavailableExit(
-        f"breaker store {_safe_url(rt.settings.breaker_redis_url)} unreachable: {text}"
+        f"breaker store {safe_url(rt.settings.breaker_redis_url)} unreachable: {text}"
     )
 
 
-def _safe_url(url: str) -> str:
-    """Return url with its password masked."""
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from breaker import BreakerConfig
+from breaker.connection import parse_url, safe_url
 from breaker.registry import validate_overrides
 from workers.policy import BUSY_RETRY_SECONDS, STORE_RETRY_SECONDS, deferral_spread
 
@@ -34,6 +35,8 @@ class Settings:
     breaker_success_threshold: int = 2
     breaker_half_open_max_calls: int = 2
     breaker_redis_url: str = ""
+    # The Sentinel master a sentinel:// breaker_redis_url names; default the broker's.
+    breaker_redis_master_name: str = ""
     breaker_publish_interval: float = 5.0
     breaker_state_channel: str = "breaker:state"
     breaker_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -48,6 +51,9 @@ class Settings:
     payment_retry_backoff: float = 1.0
     payment_retry_backoff_max: float = 30.0
     breaker_probe_lease: float = 0.0
+    # Options of the connections to the sentinels (e.g. their password), as kombu's
+    # broker_transport_options["sentinel_kwargs"], from which they default.
+    breaker_redis_sentinel_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def breaker_defaults(self) -> BreakerConfig:
@@ -133,16 +139,29 @@ def _url(name: str, value: Any, schemes: tuple[str, ...]) -> str:
     parts = urlsplit(value)
     if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "unix"):
         wanted = " or ".join(f"{s}://" for s in schemes)
-        raise SettingsError(f"{name} must be a {wanted} URL, got {_safe_url(value)}")
+        raise SettingsError(f"{name} must be a {wanted} URL, got {safe_url(value)!r}")
     return str(value)
 
 
-def _safe_url(url: str) -> str:
-    """Return url with any password replaced, for error messages."""
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return repr(url)
+def _redis_url(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SettingsError(f"{name} must be a URL, got {value!r}")
+    try:
+        parse_url(value.strip())
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+    return value.strip()
+
+
+def _mapping(name: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"{name} must be a JSON object: {exc}") from None
+    if not isinstance(value, Mapping):
+        raise SettingsError(f"{name} must be a mapping of options, got a {type(value).__name__}")
+    return dict(value)
 
 
 def _text(name: str, value: Any, allow_empty: bool = False) -> str:
@@ -177,7 +196,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "breaker_timeout": _seconds,
     "breaker_success_threshold": lambda n, v: _integer(n, v, 1),
     "breaker_half_open_max_calls": lambda n, v: _integer(n, v, 1),
-    "breaker_redis_url": lambda n, v: _url(n, v, ("redis", "rediss", "unix")),
+    "breaker_redis_url": _redis_url,
+    "breaker_redis_master_name": lambda n, v: _text(n, v, allow_empty=True),
     "breaker_publish_interval": _seconds,
     "breaker_state_channel": _text,
     "breaker_overrides": _overrides,
@@ -191,6 +211,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "payment_retry_backoff": _seconds,
     "payment_retry_backoff_max": _seconds,
     "breaker_probe_lease": lambda n, v: _seconds(n, v, allow_zero=True),
+    "breaker_redis_sentinel_kwargs": _mapping,
 }
 
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
@@ -217,11 +238,24 @@ def read_settings(
         except SettingsError as exc:
             where = f" (from the environment variable {source})" if source != name else ""
             raise SettingsError(f"{exc}{where}") from None
+    broker_url = _broker_url(conf, environ)
+    transport_options = conf.get("broker_transport_options") or {}
     if not values.get("breaker_redis_url"):
-        values["breaker_redis_url"] = default_redis_url(conf.get("broker_url"))
+        values["breaker_redis_url"] = default_redis_url(broker_url)
+    if not values.get("breaker_redis_master_name"):
+        values["breaker_redis_master_name"] = str(transport_options.get("master_name") or "")
+    if not values.get("breaker_redis_sentinel_kwargs") and isinstance(
+        transport_options.get("sentinel_kwargs"), Mapping
+    ):
+        values["breaker_redis_sentinel_kwargs"] = dict(transport_options["sentinel_kwargs"])
     settings = Settings(**values)
     _check_together(settings)
     return settings
+
+
+def _broker_url(conf: Mapping[str, Any], environ: Mapping[str, str]) -> object:
+    """Return the broker URL Celery will use: CELERY_BROKER_URL wins over the config."""
+    return environ.get("CELERY_BROKER_URL") or conf.get("broker_url")
 
 
 def redis_broker(broker_url: object) -> bool:
@@ -235,13 +269,28 @@ def redis_broker(broker_url: object) -> bool:
 
 
 def default_redis_url(broker_url: object) -> str:
-    """Return the broker URL when it is Redis, else the local default."""
-    if isinstance(broker_url, str) and broker_url.startswith(("redis://", "rediss://")):
+    """Return the broker's Redis (the same server, or the same Sentinel master), else local."""
+    if isinstance(broker_url, list | tuple):
+        broker_url = broker_url[0] if broker_url else ""
+    if not isinstance(broker_url, str):
+        return DEFAULT_REDIS_URL
+    if broker_url.startswith("sentinel://"):
         return broker_url
+    first = broker_url.split(";")[0].strip()
+    if first.startswith(("redis://", "rediss://")):
+        return first
+    if first.startswith("redis+socket://"):
+        return "unix://" + first.removeprefix("redis+socket://")
     return DEFAULT_REDIS_URL
 
 
 def _check_together(s: Settings) -> None:
+    if s.breaker_redis_url.startswith("sentinel://") and not s.breaker_redis_master_name:
+        raise SettingsError(
+            f"breaker_redis_master_name must name the Sentinel master of breaker_redis_url "
+            f"{safe_url(s.breaker_redis_url)!r} (or set broker_transport_options"
+            "['master_name'], which it defaults to)"
+        )
     if s.payment_result_ttl < s.payment_charge_deadline:
         raise SettingsError(
             f"payment_result_ttl ({s.payment_result_ttl:g}s) must be at least "

@@ -19,7 +19,6 @@ from types import FrameType, TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,7 +27,7 @@ from prometheus_client.registry import Collector
 from breaker import BreakerRegistry
 from breaker.store import STATES
 from workers.orders import OrderBook
-from workers.publication import StoreUnavailable, one_line, read_state
+from workers.publication import STORE_ERRORS, StoreUnavailable, one_line, read_state
 
 log = logging.getLogger("workers.exporter")
 
@@ -90,7 +89,7 @@ class PaymentsCollector(Collector):
         """Yield payments_conflicts_total, read from the order book now (nothing if it is down)."""
         try:
             total = self.orders.conflicts_total()
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             log.warning("Order book unavailable for a scrape: %s", one_line(exc))
             return
         conflicts = CounterMetricFamily(

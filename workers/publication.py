@@ -12,6 +12,10 @@ import redis
 
 from breaker import BreakerRegistry
 
+# What a store that cannot answer raises: RedisClusterException (no node answers) is not a
+# RedisError.
+STORE_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
+
 
 class StoreUnavailable(Exception):
     """The breaker store cannot be reached, so no breaker can be read."""
@@ -21,7 +25,7 @@ def read_state(registry: BreakerRegistry) -> dict[str, Any]:
     """Return the publisher's message for every known breaker, or raise StoreUnavailable."""
     try:
         breakers = registry.snapshots()
-    except redis.RedisError as exc:
+    except STORE_ERRORS as exc:
         raise StoreUnavailable(one_line(exc)) from exc
     # A breaker whose store stops answering mid-read falls back to a per-process circuit
     # that knows nothing of the others: reporting it would pass a guess off as the truth.

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import redis
+from typing import TYPE_CHECKING, Any
 
 from breaker import BreakerRegistry, RedisStore
+from breaker.connection import client_from_url
 from workers.config import Settings, read_settings
 from workers.orders import OrderBook
 from workers.provider import Provider, load_provider
@@ -23,7 +22,8 @@ class Runtime:
     """The per-process resources every task uses."""
 
     settings: Settings
-    redis: redis.Redis
+    # A redis.Redis (one server or a Sentinel master) or a redis.cluster.RedisCluster.
+    redis: Any
     store: RedisStore
     registry: BreakerRegistry
     orders: OrderBook
@@ -55,12 +55,7 @@ def runtime(app: Celery) -> Runtime:
 
 def build_runtime(settings: Settings) -> Runtime:
     """Return fresh connections and breakers for the settings."""
-    client = redis.Redis.from_url(
-        settings.breaker_redis_url,
-        socket_timeout=2.0,
-        socket_connect_timeout=1.0,
-        health_check_interval=30,
-    )
+    client = breaker_client(settings)
     store = RedisStore(client)
     registry = BreakerRegistry(
         store, defaults=settings.breaker_defaults, overrides=settings.breaker_overrides
@@ -78,6 +73,16 @@ def build_runtime(settings: Settings) -> Runtime:
         orders=orders,
         provider=load_provider(settings),
         pid=os.getpid(),
+    )
+
+
+def breaker_client(settings: Settings, **options: Any) -> Any:
+    """Return a client of the breaker store: one Redis, a Sentinel master or a Cluster."""
+    return client_from_url(
+        settings.breaker_redis_url,
+        master_name=settings.breaker_redis_master_name or None,
+        sentinel_kwargs=settings.breaker_redis_sentinel_kwargs or None,
+        **{"socket_timeout": 2.0, "socket_connect_timeout": 1.0, **options},
     )
 
 

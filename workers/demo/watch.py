@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from celery import Celery
 
 from breaker import BreakerRegistry, RedisStore
 from workers.config import Settings
+from workers.runtime import breaker_client
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,7 @@ class BreakerWatch:
 
     def __init__(self, settings: Settings, name: str, started_at: float) -> None:
         self.name = name
-        self.client = redis.Redis.from_url(
-            settings.breaker_redis_url, socket_timeout=2.0, socket_connect_timeout=1.0
-        )
+        self.client = breaker_client(settings)
         self.registry = BreakerRegistry(
             RedisStore(self.client),
             defaults=settings.breaker_defaults,
