@@ -17,9 +17,12 @@ import time
 from typing import Any
 
 import redis
+import redis.sentinel
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
+
+from breaker.connection import MasterFollowingPool
 
 log = logging.getLogger("workers.broker")
 
@@ -134,9 +137,31 @@ class Channel(kombu_redis.Channel):
 
 
 class SentinelChannel(kombu_redis.SentinelChannel):
-    """kombu's Sentinel channel with the QoS above."""
+    """kombu's Sentinel channel with the QoS above, following the master as it moves.
+
+    redis-py asks the sentinels for the master only when it opens a connection: after a
+    SENTINEL FAILOVER, pooled connections kept writing to the demoted master for about 10 s,
+    and those writes (reschedules, acks, results) were lost when it resynced.
+    """
 
     QoS = QoS
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        pool = super()._sentinel_managed_pool(asynchronous)
+        if not isinstance(pool, redis.sentinel.SentinelConnectionPool):
+            return pool
+        # The pool kombu built is unused yet: the same pool, of the master-following kind.
+        kwargs = dict(pool.connection_kwargs)
+        kwargs.pop("connection_pool", None)
+        return MasterFollowingPool(
+            pool.service_name,
+            pool.sentinel_manager,
+            connection_class=pool.connection_class,
+            max_connections=pool.max_connections,
+            is_master=pool.is_master,
+            check_connection=pool.check_connection,
+            **kwargs,
+        )
 
 
 class Transport(kombu_redis.Transport):

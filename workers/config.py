@@ -50,6 +50,9 @@ class Settings:
     payment_result_ttl: float = 86400.0
     payment_retry_backoff: float = 1.0
     payment_retry_backoff_max: float = 30.0
+    # Replicas that must hold the order journal's money writes (WAIT); -1: 1 on a Sentinel
+    # store, where a failover loses what was not replicated, else 0.
+    payment_journal_replicas: int = -1
     breaker_probe_lease: float = 0.0
     # Options of the connections to the sentinels (e.g. their password), as kombu's
     # broker_transport_options["sentinel_kwargs"], from which they default.
@@ -76,6 +79,13 @@ class Settings:
         """Return the longest open timeout of any breaker, overrides included."""
         configs = validate_overrides(self.breaker_overrides, self.breaker_defaults)
         return max([self.breaker_timeout, *(c.timeout_seconds for c in configs.values())])
+
+    @property
+    def journal_replicas(self) -> int:
+        """Return how many replicas must acknowledge a journal write before it counts."""
+        if self.payment_journal_replicas >= 0:
+            return self.payment_journal_replicas
+        return 1 if self.breaker_redis_url.startswith("sentinel://") else 0
 
     @property
     def order_lock_ttl(self) -> float:
@@ -210,6 +220,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "payment_result_ttl": _seconds,
     "payment_retry_backoff": _seconds,
     "payment_retry_backoff_max": _seconds,
+    "payment_journal_replicas": lambda n, v: _integer(n, v, -1, 16),
     "breaker_probe_lease": lambda n, v: _seconds(n, v, allow_zero=True),
     "breaker_redis_sentinel_kwargs": _mapping,
 }

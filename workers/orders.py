@@ -28,6 +28,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from workers.validation import ChargeRequest
 
 CONFLICTS_KEY = "payments:conflicts"
@@ -183,6 +185,10 @@ return 0
 """
 
 
+class NotReplicated(redis.RedisError):
+    """A journal write no replica acknowledged in time: a failover could lose it."""
+
+
 @dataclass(frozen=True)
 class PendingAttempt:
     """An attempt whose outcome is unknown: replay its key before charging under another."""
@@ -233,13 +239,27 @@ class Settled:
 
 
 class OrderBook:
-    """Per-order results, locks and attempt journal in Redis (see the module docstring)."""
+    """Per-order results, locks and attempt journal in Redis (see the module docstring).
 
-    def __init__(self, client: Any, result_ttl: float, lock_ttl: float) -> None:
+    With replicas > 0, the two writes money depends on (an attempt before its call, an
+    outcome after it) return only once that many replicas have them (WAIT), and raise
+    NotReplicated otherwise: with asynchronous replication a failover loses the last writes.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        result_ttl: float,
+        lock_ttl: float,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
+    ) -> None:
         self._client = client
         self._ttl_ms = int(result_ttl * 1000)
         self.lock_ttl = lock_ttl
         self._lock_ttl_ms = int(lock_ttl * 1000)
+        self.replicas = replicas
+        self._replica_timeout_ms = int(replica_timeout * 1000)
         self._receive = client.register_script(RECEIVE)
         self._begin = client.register_script(BEGIN)
         self._attempt = client.register_script(ATTEMPT)
@@ -302,10 +322,10 @@ class OrderBook:
             "payment_method": request.payment_method,
             "idempotency_key": key,
         }
-        reply = self._attempt(
-            keys=self.keys(order_id),
-            args=[holder, fence, key, json.dumps(body), task_id, now, self._lock_ttl_ms,
-                  self._ttl_ms],
+        reply = self._durably(
+            self._attempt,
+            self.keys(order_id),
+            [holder, fence, key, json.dumps(body), task_id, now, self._lock_ttl_ms, self._ttl_ms],
         )
         kind = _text(reply[0])
         if kind == "go":
@@ -328,11 +348,11 @@ class OrderBook:
         release: bool = True,
     ) -> Settled:
         """Record how the attempt made with key ended; free the lock if asked and still ours."""
-        stored, conflict, conflicts, status = self._settle(
-            keys=self.keys(order_id),
-            args=[holder, fence, key, outcome, charge_id or "",
-                  json.dumps(result) if result else "", now, self._ttl_ms,
-                  "1" if release else "0"],
+        stored, conflict, conflicts, status = self._durably(
+            self._settle,
+            self.keys(order_id),
+            [holder, fence, key, outcome, charge_id or "", json.dumps(result) if result else "",
+             now, self._ttl_ms, "1" if release else "0"],
         )
         return Settled(
             json.loads(stored) if stored else None,
@@ -340,6 +360,22 @@ class OrderBook:
             _list(conflicts),
             _text(status),
         )
+
+    def _durably(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run script; with replicas, on the same connection as a WAIT for them."""
+        if not self.replicas:
+            return script(keys=keys, args=args)
+        # WAIT counts the writes of its own connection: one pipeline, one connection.
+        pipe = self._client.pipeline(transaction=False)
+        script(keys=keys, args=args, client=pipe)
+        pipe.wait(self.replicas, self._replica_timeout_ms)
+        reply, acknowledged = pipe.execute()
+        if int(acknowledged) < self.replicas:
+            raise NotReplicated(
+                f"{acknowledged} of {self.replicas} replica(s) acknowledged the journal write "
+                f"within {self._replica_timeout_ms} ms"
+            )
+        return reply
 
     def release(self, order_id: str, holder: str, fence: int) -> None:
         """Free the order's lock if holder still holds it under fence."""

@@ -64,6 +64,7 @@ def build_runtime(settings: Settings) -> Runtime:
         client,
         result_ttl=settings.payment_result_ttl,
         lock_ttl=settings.order_lock_ttl,
+        replicas=settings.journal_replicas,
     )
     return Runtime(
         settings=settings,
