@@ -88,6 +88,7 @@ FAST_SETTINGS: dict[str, Any] = {
     "payment_retry_backoff": 0.05,
     "payment_retry_backoff_max": 0.2,
     "payment_charge_deadline": 30.0,
+    "payment_release_interval": 0.1,
 }
 
 

@@ -22,7 +22,8 @@ from tests.embedded import (
 from tests.redis_server import free_port
 from tests.waiting import wait_until
 from workers.charging import Progress
-from workers.errors import ChargeExpired, ChargeFailed, ChargeRejected, ChargeRescheduled
+from workers.errors import ChargeExpired, ChargeFailed, ChargeRejected
+from workers.runtime import runtime
 from workers.sandbox import SandboxControl
 
 
@@ -80,16 +81,16 @@ def test_an_open_circuit_defers_the_charge_by_its_retry_after_without_calling_th
     start: Callable[..., Worker], sandbox: SandboxControl
 ) -> None:
     timeout = 1.0
-    worker = start(breaker_timeout=timeout)
+    worker = start(breaker_timeout=timeout, breaker_success_threshold=1)
     opened = time.monotonic()
     worker.breaker.force_open()
 
     task = worker.charge()
     [deferral] = worker.logs.wait_for(DEFERRED)
     seen = time.monotonic()
-    wait_until(lambda: task.state == "RETRY", RESULT_WAIT, "the task to be in RETRY")
-    assert isinstance(task.info, ChargeRescheduled)
-    assert "deferred (circuit payments.card open)" in str(task.info)
+    parking = runtime(worker.app).parking
+    # Parked in the breaker store, not held by the worker: nothing is left on the broker.
+    assert parking.count("payments.card") == 1
 
     countdown = float(deferral["countdown"])
     jitter = max(0.05, 0.1 * timeout)
@@ -102,10 +103,13 @@ def test_an_open_circuit_defers_the_charge_by_its_retry_after_without_calling_th
     assert snapshot["calls"] == 0
     assert snapshot["rejected"] == 1
 
-    worker.breaker.reset()
+    # Due once its countdown ran out, and let through as the circuit's probe.
     result = task.get(timeout=RESULT_WAIT)
+    assert time.monotonic() - seen >= countdown - 0.05
     assert (result["status"], result["attempts"], result["deferrals"]) == ("succeeded", 1, 1)
     assert sandbox.ledger()["charges_by_order"] == {ORDER: 1}
+    assert parking.count("payments.card") == 0
+    assert "Released 1 parked charge(s) of payments.card (half_open)" in worker.logs.text
 
 
 def test_deferrals_do_not_use_up_the_attempts(
@@ -252,9 +256,12 @@ DEADLINE_SETTINGS: dict[str, Any] = {
 }
 
 
-def late_charge(worker: Worker, seconds_left: float) -> AsyncResult:
+def late_charge(
+    worker: Worker, seconds_left: float, deadline: float | None = None
+) -> AsyncResult:
     """Enqueue a charge first received long ago, as a reschedule would carry it."""
-    first_received = time.time() - DEADLINE_SETTINGS["payment_charge_deadline"] + seconds_left
+    deadline = deadline or DEADLINE_SETTINGS["payment_charge_deadline"]
+    first_received = time.time() - deadline + seconds_left
     return worker.charge(headers=Progress(first_received=first_received).headers())
 
 
@@ -285,12 +292,17 @@ def test_at_the_deadline_a_lost_answer_is_replayed_and_returns_the_stored_succes
 def test_at_the_deadline_an_unconfirmed_charge_expires_saying_the_outcome_is_unknown(
     start: Callable[..., Worker], sandbox: SandboxControl, at_the_deadline: str
 ) -> None:
-    worker = start(**DEADLINE_SETTINGS)
+    still_open = at_the_deadline == "circuit still open"
+    # Open for long after the deadline, or only until it; the deadline stays above the
+    # visibility timeout (6.4 s with a 3.5 s breaker timeout).
+    worker = start(**{**DEADLINE_SETTINGS, **(
+        {"breaker_timeout": 3.5, "payment_charge_deadline": 6.5} if still_open else {}
+    )})
     sandbox.set_faults("lost_response")
 
-    task = late_charge(worker, seconds_left=1.2)
+    task = late_charge(worker, seconds_left=1.2, deadline=6.5 if still_open else None)
     worker.logs.wait_for(DEFERRED)
-    if at_the_deadline == "answer lost again":
+    if not still_open:
         worker.breaker.reset()
 
     with pytest.raises(ChargeExpired) as expired:
@@ -300,7 +312,7 @@ def test_at_the_deadline_an_unconfirmed_charge_expires_saying_the_outcome_is_unk
     assert f"Reconcile order {ORDER}" in str(expired.value)
     ledger = sandbox.ledger()
     assert ledger["charges_by_order"] == {ORDER: 1}
-    expected_requests = 1 if at_the_deadline == "circuit still open" else 2
+    expected_requests = 1 if still_open else 2
     assert ledger["requests"]["total"] == expected_requests
 
 

@@ -154,7 +154,8 @@ def test_breakers_and_the_order_book_on_a_redis_cluster(
     results = [worker.charge(order_id=o).get(timeout=RESULT_WAIT) for o in orders]
     worker.breaker.force_open()
     deferred = worker.charge(order_id="ord_deferred_on_cluster")
-    wait_until(lambda: deferred.state == "RETRY", RESULT_WAIT, "the charge to be deferred")
+    parking = runtime(worker.app).parking
+    wait_until(lambda: parking.count("payments.card") == 1, RESULT_WAIT, "the charge parked")
     worker.breaker.reset()
     late = deferred.get(timeout=RESULT_WAIT)
 

@@ -21,6 +21,7 @@ from tests.waiting import wait_until
 from tests.worker_process import WorkerProcess, charge_kwargs, web_client
 from workers.config import read_settings
 from workers.orders import OrderBook
+from workers.parking import Parking
 from workers.sandbox import SandboxControl, SandboxServer
 
 pytestmark = pytest.mark.slow
@@ -91,23 +92,22 @@ def test_reschedules_refused_by_a_full_broker_are_not_lost(
     sandbox_server: SandboxServer,
     sandbox: SandboxControl,
 ) -> None:
+    # The provider fails and the breaker stays closed: every charge is retried with a
+    # backoff countdown, a new message to publish each time.
     env = worker_env(
         spare_redis_server.url, redis_url, sandbox_server.url,
-        BREAKER_TIMEOUT="3", PAYMENT_PROVIDER_TIMEOUT="1",
+        BREAKER_FAILURE_THRESHOLD="1000", PAYMENT_PROVIDER_TIMEOUT="1",
+        PAYMENT_RETRY_BACKOFF="1", PAYMENT_RETRY_BACKOFF_MAX="1", PAYMENT_MAX_ATTEMPTS="50",
     )
-    store = RedisStore.from_url(redis_url)
-    circuit = CircuitBreaker("payments.card", timeout_seconds=3.0, store=store)
     orders = [f"ord_{uuid.uuid4().hex[:8]}_{i}" for i in range(6)]
+    sandbox.set_faults("down", status=503)
     try:
         with WorkerProcess(env, tmp_path / "first.log", PREFORK, name="first") as first:
-            circuit.force_open()
             tasks = [web.send_task("payments.charge", kwargs=charge_kwargs(o)) for o in orders]
             wait_until(
-                lambda: first.log().count(" deferred (circuit ") >= len(orders), 15,
-                "every charge deferred once",
+                lambda: first.log().count(" failed: HTTP 503; retrying") >= len(orders), 15,
+                "every charge retried once",
             )
-            # They wake to a circuit still open, and their next deferral cannot be published.
-            circuit.force_open()
             refuse_writes(broker)
             wait_until(
                 lambda: "its reschedule could not be published" in first.log(), 20,
@@ -116,7 +116,7 @@ def test_reschedules_refused_by_a_full_broker_are_not_lost(
             if then == "the worker is killed":
                 first.kill()
             accept_writes(broker)
-            circuit.reset()
+            sandbox.set_faults("ok")
             if then == "the worker lives":
                 done = results(tasks, visibility_timeout(env) + 20)
         if then == "the worker is killed":
@@ -124,12 +124,54 @@ def test_reschedules_refused_by_a_full_broker_are_not_lost(
                 done = results(tasks, visibility_timeout(env) + 20)
     finally:
         accept_writes(broker)
-        store.client.close()
 
     assert [r["status"] for r in done] == ["succeeded"] * len(orders)
     ledger = sandbox.ledger()
     assert ledger["charges_by_order"] == dict.fromkeys(orders, 1)
     assert "goes back to the broker to be delivered again" in first.log()
+
+
+def test_parked_charges_wait_out_a_full_broker(
+    tmp_path: Path,
+    redis_url: str,
+    spare_redis_server: RedisServer,
+    broker: redis.Redis,
+    web: Celery,
+    sandbox_server: SandboxServer,
+    sandbox: SandboxControl,
+) -> None:
+    env = worker_env(
+        spare_redis_server.url, redis_url, sandbox_server.url,
+        BREAKER_TIMEOUT="30", PAYMENT_PROVIDER_TIMEOUT="1", PAYMENT_RELEASE_INTERVAL="0.2",
+    )
+    store = RedisStore.from_url(redis_url)
+    circuit = CircuitBreaker("payments.card", timeout_seconds=30.0, store=store)
+    parking = Parking(store.client)
+    orders = [f"ord_{uuid.uuid4().hex[:8]}_{i}" for i in range(6)]
+    try:
+        with WorkerProcess(env, tmp_path / "worker.log", PREFORK) as worker:
+            circuit.force_open()
+            tasks = [web.send_task("payments.charge", kwargs=charge_kwargs(o)) for o in orders]
+            wait_until(lambda: parking.count("payments.card") == len(orders), 15,
+                       "every charge parked")
+            refuse_writes(broker)
+            circuit.reset()  # they may go, but the broker takes no message
+            wait_until(
+                lambda: "Parked charges cannot be released now" in worker.log(), 15,
+                "the releaser to find the broker full",
+            )
+            still = parking.count("payments.card")
+            accept_writes(broker)
+            done = results(tasks, 30)
+            log = worker.log()
+    finally:
+        accept_writes(broker)
+        store.client.close()
+
+    assert still == len(orders)  # nothing taken out of the park that was not sent
+    assert "Parked charges are released again" in log
+    assert [r["status"] for r in done] == ["succeeded"] * len(orders)
+    assert sandbox.ledger()["charges_by_order"] == dict.fromkeys(orders, 1)
 
 
 def test_a_message_delivered_while_the_broker_is_full_is_kept_and_charged(

@@ -19,6 +19,7 @@ from breaker import CircuitBreaker, RedisStore
 from tests.waiting import wait_until
 from tests.worker_process import WorkerProcess, charge_kwargs, web_client
 from workers.config import read_settings
+from workers.parking import Parking
 from workers.sandbox import SandboxControl, SandboxServer
 
 pytestmark = pytest.mark.slow
@@ -132,7 +133,7 @@ def test_pool_process_killed_at_the_provider_is_redelivered_and_charged_once(
     )
 
 
-@pytest.mark.parametrize("held", ["at_the_provider", "on_countdown"])
+@pytest.mark.parametrize("held", ["at_the_provider", "parked"])
 def test_whole_worker_killed_its_charges_come_back_and_are_charged_once(
     held: str,
     tmp_path: Path,
@@ -141,7 +142,8 @@ def test_whole_worker_killed_its_charges_come_back_and_are_charged_once(
     sandbox: SandboxControl,
     client: Celery,
 ) -> None:
-    breaker_timeout = 0.5 if held == "at_the_provider" else 2.0
+    # Parked charges must still be waiting on the circuit when the worker dies.
+    breaker_timeout = 0.5 if held == "at_the_provider" else 5.0
     env = worker_env(redis_url, sandbox_server.url, breaker_timeout, provider_timeout=2.0)
     args = ["--pool", "prefork", "--concurrency", "2"]
     orders = [f"ord_{uuid.uuid4().hex[:8]}_{held}_{i}" for i in range(5)]
@@ -165,12 +167,11 @@ def test_whole_worker_killed_its_charges_come_back_and_are_charged_once(
                     "two charges at the slow provider",
                 )
             else:
-                # Each charge deferred, and its deferred copy held by the worker on its countdown.
+                # Each charge deferred: parked in the store, its message acked.
+                parking = Parking(store.client)
                 wait_until(
-                    lambda: first.log().count(" deferred (circuit ") >= len(orders)
-                    and first.log().count(" received") >= 2 * len(orders),
-                    15,
-                    "every charge deferred by the open circuit and held on its countdown",
+                    lambda: parking.count(BREAKER) == len(orders), 15,
+                    "every charge parked by the open circuit",
                 )
             first.kill()
             killed_at = time.time()

@@ -7,7 +7,7 @@ import os
 import re
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 from celery.utils.serialization import jsonify, strtobool
 from celery.worker.control import inspect_command
 from kombu.entity import Queue
@@ -15,7 +15,8 @@ from kombu.entity import Queue
 from breaker.connection import safe_url
 from workers import redaction
 from workers.config import Settings, SettingsError, read_settings, redis_broker
-from workers.runtime import forget
+from workers.parking import Releaser
+from workers.runtime import forget, runtime
 
 PUBLISHER_QUEUE = "breaker"
 # The broker when neither CELERY_BROKER_URL nor a config module names one.
@@ -27,7 +28,37 @@ def create_app(main: str = "workers", **conf: Any) -> Celery:
     app = Celery(main, set_as_current=False)
     app.conf.update(conf)
     configure(app)
+    app.steps["worker"].add(ReleaseParkedCharges)
     return app
+
+
+class ReleaseParkedCharges(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Every worker sends parked charges again as their breakers let them through."""
+
+    # After the pool: a prefork pool forks its processes before this thread exists.
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.releaser: Releaser | None = None
+
+    def start(self, worker: Any) -> None:
+        app = worker.app
+
+        def state_of(name: str) -> tuple[Any, int]:
+            breaker = runtime(app).registry.get(name)
+            return breaker.state, breaker.config.half_open_max_calls
+
+        self.releaser = Releaser(
+            lambda: runtime(app).parking, state_of,
+            lambda message: app.signature(message).apply_async(),
+            interval=runtime(app).settings.payment_release_interval,
+        )
+        self.releaser.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.releaser is not None:
+            self.releaser.stop()
 
 
 def configure(app: Celery) -> Settings:

@@ -41,6 +41,12 @@ class Rescheduler(Protocol):
     def reschedule(self, countdown: float, headers: dict[str, Any], reason: str) -> NoReturn:
         """Send the charge again after countdown seconds; never returns."""
 
+    def park(
+        self, breaker: str, deadline: float, headers: dict[str, Any], reason: str,
+        countdown: float,
+    ) -> NoReturn:
+        """Park the charge until breaker admits calls (else reschedule it); never returns."""
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -143,7 +149,7 @@ class ChargeRun:
         try:
             return breaker.allow()
         except CircuitBreakerOpenError as refused:
-            self._defer(refused.retry_after, f"circuit {refused.name} {refused.state.value}")
+            self._park(refused)
 
     def _begin(self, permit: Permit | None) -> Begin:
         """Take the order; defer if the order book cannot be read or another message has it."""
@@ -496,12 +502,43 @@ class ChargeRun:
 
     # Waiting.
 
+    def _park(self, refused: CircuitBreakerOpenError) -> NoReturn:
+        """Wait, off every worker, until the refusing breaker admits calls again."""
+        why = f"circuit {refused.name} {refused.state.value}"
+        countdown = self._countdown(
+            deferral(refused.retry_after, self.breaker.config.timeout_seconds, self.rng), why,
+            deferral=True,
+        )
+        log.info(
+            "Charge %s deferred (%s) in %.3fs (attempts %d, deferrals %d), parked until "
+            "%s lets it through",
+            self.charge.order_id, why, countdown, self.progress.attempts, self.progress.deferrals,
+            refused.name,
+        )
+        self.task.park(
+            refused.name, self.deadline, self.progress.headers(), self._reason(why, deferral=True),
+            countdown,
+        )
+
     def _defer(self, retry_after: float, why: str) -> NoReturn:
         countdown = deferral(retry_after, self.breaker.config.timeout_seconds, self.rng)
-        self.progress = replace(self.progress, deferrals=self.progress.deferrals + 1)
-        self._reschedule(countdown, f"deferred ({why})")
+        self._reschedule(countdown, why, deferral=True)
 
-    def _reschedule(self, countdown: float, why: str) -> NoReturn:
+    def _reschedule(self, countdown: float, why: str, *, deferral: bool = False) -> NoReturn:
+        countdown = self._countdown(countdown, why, deferral=deferral)
+        log.info(
+            "Charge %s %s in %.3fs (attempts %d, deferrals %d)",
+            self.charge.order_id, f"deferred ({why})" if deferral else why, countdown,
+            self.progress.attempts, self.progress.deferrals,
+        )
+        self.task.reschedule(
+            countdown, self.progress.headers(), self._reason(why, deferral=deferral)
+        )
+
+    def _countdown(self, countdown: float, why: str, *, deferral: bool) -> float:
+        """Return the countdown to wait before the next run, or end the charge past its deadline."""
+        if deferral:
+            self.progress = replace(self.progress, deferrals=self.progress.deferrals + 1)
         self._release()
         if not self.journaled_receipt and not self.progress.carried:
             self._journal_receipt()
@@ -517,14 +554,17 @@ class ChargeRun:
         # Never sleep past the deadline (wake at it and settle the charge then), nor longer
         # than the broker's visibility timeout covers (the breaker is asked again on waking).
         countdown = min(countdown, left + 0.01, self.settings.longest_countdown)
-        countdown = round(max(0.0, countdown), 3)
-        log.info(
-            "Charge %s %s in %.3fs (attempts %d, deferrals %d)",
-            self.charge.order_id, why, countdown, self.progress.attempts, self.progress.deferrals,
-        )
-        self.task.reschedule(
-            countdown, self.progress.headers(), f"order {self.charge.order_id} {why}"
-        )
+        return round(max(0.0, countdown), 3)
+
+    def _reason(self, why: str, *, deferral: bool) -> str:
+        """Say, for Flower's retry line, whether this reschedule used up an attempt."""
+        p, limit = self.progress, self.settings.payment_max_attempts
+        if deferral:
+            return (
+                f"order {self.charge.order_id} deferral {p.deferrals} ({why}): not an attempt, "
+                f"{p.attempts}/{limit} attempts used"
+            )
+        return f"order {self.charge.order_id} {why} ({p.deferrals} deferral(s) so far)"
 
     # Bookkeeping.
 

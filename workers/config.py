@@ -53,6 +53,8 @@ class Settings:
     # Replicas that must hold the order journal's money writes (WAIT); -1: 1 on a Sentinel
     # store, where a failover loses what was not replicated, else 0.
     payment_journal_replicas: int = -1
+    # How often each worker sends again the parked charges their breakers let through.
+    payment_release_interval: float = 0.5
     breaker_probe_lease: float = 0.0
     # Options of the connections to the sentinels (e.g. their password), as kombu's
     # broker_transport_options["sentinel_kwargs"], from which they default.
@@ -221,6 +223,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "payment_retry_backoff": _seconds,
     "payment_retry_backoff_max": _seconds,
     "payment_journal_replicas": lambda n, v: _integer(n, v, -1, 16),
+    "payment_release_interval": _seconds,
     "breaker_probe_lease": lambda n, v: _seconds(n, v, allow_zero=True),
     "breaker_redis_sentinel_kwargs": _mapping,
 }

@@ -11,6 +11,7 @@ from breaker import BreakerRegistry, RedisStore
 from breaker.connection import client_from_url
 from workers.config import Settings, read_settings
 from workers.orders import OrderBook
+from workers.parking import Parking
 from workers.provider import Provider, load_provider
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ class Runtime:
     store: RedisStore
     registry: BreakerRegistry
     orders: OrderBook
+    parking: Parking
     provider: Provider
     pid: int
 
@@ -72,6 +74,7 @@ def build_runtime(settings: Settings) -> Runtime:
         store=store,
         registry=registry,
         orders=orders,
+        parking=Parking(client),
         provider=load_provider(settings),
         pid=os.getpid(),
     )

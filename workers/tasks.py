@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import time
 from typing import Any, NoReturn
 
 from celery import Task, shared_task
-from celery.exceptions import Reject, Retry
+from celery.canvas import Signature
+from celery.exceptions import Ignore, Reject, Retry
 from celery.worker.request import Request
 
 from workers.charging import ChargeRun, Progress
 from workers.errors import ChargeRescheduled, InvalidCharge
 from workers.policy import PUBLISH_RETRY_WAITS
-from workers.publication import read_state
+from workers.publication import STORE_ERRORS, read_state
 from workers.redaction import charge_reprs
 from workers.runtime import runtime
 from workers.validation import FIELDS, parse_charge
@@ -54,9 +56,50 @@ class ChargeTask(Task):  # type: ignore[misc]
         turns a publish error into Reject(requeue=False), which acks the original. Here the
         original goes back to the broker, to be delivered again.
         """
+        signature = self._next_message(headers, countdown=countdown)
+        error = _publish(signature)
+        if error is not None:
+            log.error(
+                "Charge task %s: its reschedule could not be published (%s: %s); the message "
+                "goes back to the broker to be delivered again",
+                self.request.id, type(error).__name__, " ".join(str(error).split())[:120],
+            )
+            raise Reject(error, requeue=True)
+        raise Retry(exc=ChargeRescheduled(reason), when=countdown, sig=signature) from None
+
+    def park(
+        self, breaker: str, deadline: float, headers: dict[str, Any], reason: str,
+        countdown: float,
+    ) -> NoReturn:
+        """Park this charge for countdown seconds and until breaker admits calls; ack this.
+
+        Parked, the charge waits in the breaker store (workers.parking), not in a worker; if
+        the store cannot take it, it is rescheduled with the countdown instead.
+        """
+        message = _jsonable(dict(self._next_message(headers)))
+        try:
+            runtime(self.app).parking.park(breaker, message, time.time() + countdown, deadline)
+        except STORE_ERRORS as exc:
+            log.warning(
+                "Charge task %s: cannot park it (%s); rescheduled in %.3fs instead",
+                self.request.id, type(exc).__name__, countdown,
+            )
+            self.reschedule(countdown, headers, reason)
+        # What Flower shows of a retry, in the words of Celery's own: the charge waits, its
+        # message is done.
+        due = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=countdown)
+        self.send_event(
+            "task-retried",
+            exception=f"Retry in {countdown:g}s: {ChargeRescheduled(reason)!r}",
+            traceback="", eta=due.isoformat(),
+        )
+        raise Ignore() from None
+
+    def _next_message(self, headers: dict[str, Any], countdown: float | None = None) -> Signature:
+        """Return this charge's next message: its progress in the headers, reprs redacted."""
         request = self.request
         argsrepr, kwargsrepr = charge_reprs(request.args or (), request.kwargs or {})
-        signature = self.signature_from_request(
+        return self.signature_from_request(
             request,
             countdown=countdown,
             retries=request.retries + 1,
@@ -64,15 +107,17 @@ class ChargeTask(Task):  # type: ignore[misc]
             argsrepr=argsrepr,
             kwargsrepr=kwargsrepr,
         )
-        error = _publish(signature)
-        if error is not None:
-            log.error(
-                "Charge task %s: its reschedule could not be published (%s: %s); the message "
-                "goes back to the broker to be delivered again",
-                request.id, type(error).__name__, " ".join(str(error).split())[:120],
-            )
-            raise Reject(error, requeue=True)
-        raise Retry(exc=ChargeRescheduled(reason), when=countdown, sig=signature)
+
+
+def _jsonable(value: Any) -> Any:
+    """Return value with datetimes as ISO strings, as a signature's options may hold them."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    return value
 
 
 def _publish(signature: Any) -> Exception | None:

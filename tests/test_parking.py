@@ -1,0 +1,131 @@
+"""Parked charges against a real Redis: what each breaker state lets through, and when."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from breaker import CircuitState
+from tests.waiting import wait_until
+from workers.parking import INDEX_KEY, Parking, Releaser
+
+BREAKER = "payments.card"
+NOW = 1_000_000.0
+
+
+def message(n: int) -> dict[str, Any]:
+    return {"task": "payments.charge", "args": [], "kwargs": {"order_id": f"ord_{n}"},
+            "options": {"task_id": f"t{n}", "retries": 1}}
+
+
+@pytest.fixture
+def parking(redis_client: redis.Redis) -> Parking:
+    return Parking(redis_client)
+
+
+def park(parking: Parking, n: int, due: float, deadline: float = NOW + 900) -> None:
+    parking.park(BREAKER, message(n), due, deadline)
+
+
+def release(parking: Parking, state: CircuitState, probes: int = 2) -> list[int]:
+    sent: list[dict[str, Any]] = []
+    parking.release(BREAKER, state, probes, sent.append, now=NOW)
+    return [int(m["options"]["task_id"][1:]) for m in sent]
+
+
+def test_an_open_breaker_lets_through_only_charges_at_their_deadline(parking: Parking) -> None:
+    park(parking, 1, due=NOW - 5)
+    park(parking, 2, due=NOW - 5, deadline=NOW - 1)
+    park(parking, 3, due=NOW + 5)
+
+    assert release(parking, CircuitState.OPEN) == [2]
+    assert parking.count(BREAKER) == 2
+
+
+def test_a_half_open_breaker_lets_through_as_many_due_charges_as_it_has_probe_slots(
+    parking: Parking,
+) -> None:
+    for n, due in enumerate([NOW - 3, NOW - 2, NOW - 1, NOW + 10]):
+        park(parking, n, due=due)
+
+    assert release(parking, CircuitState.HALF_OPEN, probes=2) == [0, 1]
+    assert release(parking, CircuitState.HALF_OPEN, probes=2) == [2]  # 3 is not due
+    assert parking.count(BREAKER) == 1
+
+
+def test_a_closed_breaker_lets_every_charge_through_due_or_not_earliest_first(
+    parking: Parking, redis_client: redis.Redis
+) -> None:
+    for n, due in enumerate([NOW + 30, NOW - 1, NOW + 10]):
+        park(parking, n, due=due)
+
+    assert release(parking, CircuitState.CLOSED) == [1, 2, 0]
+    assert parking.count(BREAKER) == 0
+    assert redis_client.smembers(INDEX_KEY) == set()
+
+
+def test_a_charge_is_forgotten_only_once_it_was_sent(parking: Parking) -> None:
+    park(parking, 1, due=NOW - 1)
+    park(parking, 2, due=NOW - 1)
+
+    def broker_refuses(_message: dict[str, Any]) -> None:
+        raise ConnectionError("broker away")
+
+    with pytest.raises(ConnectionError):
+        parking.release(BREAKER, CircuitState.CLOSED, 2, broker_refuses, now=NOW)
+
+    assert parking.count(BREAKER) == 2
+    # The lock was freed: the next pass (this releaser or another) sends both.
+    assert release(parking, CircuitState.CLOSED) == [1, 2]
+
+
+def test_one_releaser_at_a_time_per_breaker(redis_client: redis.Redis) -> None:
+    first, second = Parking(redis_client), Parking(redis_client)
+    for n in range(3):
+        first.park(BREAKER, message(n), NOW - 1, NOW + 900)
+    seen_by_second: list[int] = []
+
+    def publish(sent: dict[str, Any]) -> None:
+        # While the first releaser sends, the second one gets nothing.
+        seen_by_second.extend(release(second, CircuitState.CLOSED))
+
+    first.release(BREAKER, CircuitState.CLOSED, 2, publish, now=NOW)
+
+    assert seen_by_second == []
+    assert first.count(BREAKER) == 0
+
+
+def test_the_same_charge_parked_twice_is_one_member(parking: Parking) -> None:
+    park(parking, 1, due=NOW - 1)
+    park(parking, 1, due=NOW - 1)
+
+    assert parking.count(BREAKER) == 1
+
+
+def test_the_releaser_thread_sends_what_the_state_allows_and_survives_errors(
+    parking: Parking,
+) -> None:
+    states = {BREAKER: CircuitState.OPEN}
+    sent: list[dict[str, Any]] = []
+    failures = iter([RuntimeError("broker away")])
+
+    def publish(m: dict[str, Any]) -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        sent.append(m)
+
+    parking.park(BREAKER, message(1), time.time() - 1, time.time() + 900)
+    releaser = Releaser(lambda: parking, lambda name: (states[name], 2), publish, interval=0.02)
+    releaser.start()
+    try:
+        states[BREAKER] = CircuitState.CLOSED
+        wait_until(lambda: sent, 5, "the parked charge sent once the broker answers")
+    finally:
+        releaser.stop()
+
+    assert [m["options"]["task_id"] for m in sent] == ["t1"]
+    assert parking.count(BREAKER) == 0
