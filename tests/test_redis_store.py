@@ -192,18 +192,18 @@ def test_result_admitted_before_the_keys_expired_does_not_count_after(
 # --- Round trips --------------------------------------------------------------------
 
 
-def test_closed_circuit_costs_at_most_one_command_per_call(
+def test_healthy_calls_on_a_closed_circuit_send_no_command_yet_every_success_is_counted(
     stores: Callable[..., RedisStore], redis_url: str
 ) -> None:
-    cb = breaker_on(stores())
+    # A long cache, so that a slow machine cannot make the batch due inside the block.
+    cb = breaker_on(stores(staleness_seconds=5.0))
     cb.call(up)
 
     with commands_sent(redis_url) as sent:
         for _ in range(300):
             cb.call(up)
 
-    assert len(sent) <= 300
-    assert set(sent) == {"EVALSHA"}
+    assert sent == []
     assert cb.snapshot()["calls"] == 301
 
 
