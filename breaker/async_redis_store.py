@@ -231,7 +231,10 @@ class AsyncRedisCircuit(RedisCircuitCore):
             return
         args = self.record_args(ticket, outcome, slow, retry_after)
         reply = await self._run("record", lambda: self._eval("record", *args))
-        if reply is not None:
+        if reply is None:
+            # Redis failed between admission and report: the fallback counts the outcome.
+            self._fallback.record_orphan(outcome, slow, retry_after)
+        else:
             self.apply(reply)
 
     async def view(self) -> StateView:

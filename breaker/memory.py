@@ -162,6 +162,16 @@ class MemoryCircuit:
             self._record(gen, outcome is FAILURE, slow, retry_after, self.clock(), events)
         self._emit(events)
 
+    def record_orphan(self, outcome: Outcome, slow: bool, retry_after: float) -> None:
+        """Record a call admitted elsewhere (on Redis, which then failed) as if admitted now.
+
+        It moves the state machine only in CLOSED; otherwise it counts in the totals.
+        """
+        s = self._s
+        with s.lock:
+            gen = s.gen if s.state is CLOSED else 0
+        self.record((gen, 0), outcome, slow, retry_after)
+
     def view(self) -> StateView:
         """Return the current state, HALF_OPEN as soon as the timeout has run out."""
         s = self._s

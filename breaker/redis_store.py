@@ -209,10 +209,12 @@ class RedisCircuit(RedisCircuitCore):
             return
         if outcome is SUCCESS and not (lease or slow) and self.batch_success(gen):
             return
-        # An outcome that cannot reach Redis is lost; the fallback starts from CLOSED.
         args = self.record_args(ticket, outcome, slow, retry_after)
         reply = self._store.run("record", lambda: self._eval("record", *args), lambda: None)
-        if reply is not None:
+        if reply is None:
+            # Redis failed between admission and report: the fallback counts the outcome.
+            self._fallback.record_orphan(outcome, slow, retry_after)
+        else:
             self.apply(reply)
 
     def view(self) -> StateView:
