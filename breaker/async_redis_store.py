@@ -176,14 +176,12 @@ class AsyncRedisStore:
 
     async def _flush_when_due(self, circuit: AsyncRedisCircuit) -> None:
         deadline = circuit.flush_deadline()
-        if deadline is not None and deadline <= time.monotonic():
-            await circuit.flush()
-            deadline = circuit.flush_deadline()
-            if deadline is not None:
-                # Put back after a refused command: try again with the next reconnection.
-                deadline = max(deadline, time.monotonic() + self.health.reconnect_interval)
-        if deadline is not None:
-            self.schedule(circuit, deadline)
+        if deadline is None:
+            return  # another command took the batch
+        if deadline > time.monotonic():
+            self.schedule(circuit, deadline)  # a batch begun since waits its turn
+        else:
+            await circuit.flush_in_background()
 
 
 class AsyncRedisCircuit(RedisCircuitCore):
@@ -267,6 +265,22 @@ class AsyncRedisCircuit(RedisCircuitCore):
             return
         reply = await self._run("flush", lambda: self._eval("flush"))
         if reply is not None and reply[0]:
+            self.apply(reply)
+
+    async def flush_in_background(self) -> None:
+        """Send the batched counts for the flush timer, best effort and quietly.
+
+        As RedisCircuit.flush_in_background: store trouble waits for the next command.
+        """
+        if self.flush_deadline() is None or self._store.health.degraded:
+            return
+        try:
+            reply = await self._eval("flush")
+        except redis.RedisError as exc:
+            if is_script_bug(exc):
+                self._store.health.failed(exc, "flush")
+            return
+        if reply[0]:
             self.apply(reply)
 
     async def _run(self, op: str, command: Callable[[], Awaitable[Any]]) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 
 from breaker.state import BreakerConfig, CircuitBreakerOpenError, CircuitState, Outcome
 from breaker.store import PolicyView, StateView, Ticket, TransitionHook, build_snapshot
-from breaker.window import Window
+from breaker.window import Window, bucket_ms
 
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 # Module constants: looking a member up on an Enum class costs ~70 ns a time on 3.11.
@@ -93,7 +93,7 @@ class MemoryStore:
 class MemoryCircuit:
     """One circuit of a MemoryStore as seen with one breaker's settings."""
 
-    __slots__ = ("_config", "_leases", "_name", "_notify", "_plain", "_s", "clock")
+    __slots__ = ("_bucket_ms", "_config", "_leases", "_name", "_notify", "_plain", "_s", "clock")
 
     def __init__(
         self,
@@ -112,6 +112,7 @@ class MemoryCircuit:
         self._leases = leases
         # No rate rule: a success in CLOSED only counts and clears fc (the hot path).
         self._plain = not config.windowed
+        self._bucket_ms = bucket_ms(config.window_seconds)
 
     def admit(self) -> Ticket:
         """Admit a call or raise CircuitBreakerOpenError."""
@@ -144,12 +145,15 @@ class MemoryCircuit:
         """Report how an admitted call ended: slow or not, and the wait a failure asked for."""
         gen, lease = ticket
         s = self._s
-        if not (lease or slow) and outcome is SUCCESS and self._plain:
-            # The hot path, as in admit(): a success in CLOSED only counts and clears fc.
+        if not (lease or slow) and outcome is SUCCESS:
+            # The hot path, as in admit(): a success in CLOSED only counts, clears fc and,
+            # with a rate rule, goes into the window (it cannot raise either rate).
             s.lock.acquire()
             if s.state is CLOSED and gen == s.gen:
                 s.successes += 1
                 s.fc = 0
+                if not self._plain:
+                    s.window.add(self.clock(), self._bucket_ms, False, False)
                 s.lock.release()
                 return
             s.lock.release()
@@ -251,7 +255,7 @@ class MemoryCircuit:
                 open_cause=s.cause,
                 openings=dict(s.openings),
                 slow_calls=s.slow_calls,
-                window=s.window.counts(now, config.window_seconds) if config.windowed else None,
+                window=s.window.counts(now, self._bucket_ms) if config.windowed else None,
             )
         return build_snapshot(
             self._name, config, view, totals, transitions, secs, opened_at, "memory", policy
@@ -283,7 +287,7 @@ class MemoryCircuit:
             else:
                 s.fc = 0
             if config.windowed:
-                s.window.add(now, config.window_seconds, failed, slow)
+                s.window.add(now, self._bucket_ms, failed, slow)
                 if failed or slow:
                     self._check_rates(now, wait, events)
         elif s.state is HALF_OPEN:
@@ -302,7 +306,7 @@ class MemoryCircuit:
 
     def _check_rates(self, now: float, wait: float, events: list[Event]) -> None:
         config = self._config
-        counts = self._s.window.counts(now, config.window_seconds)
+        counts = self._s.window.counts(now, self._bucket_ms)
         if counts.calls < config.minimum_calls:
             return
         failure_rate, slow_rate = config.failure_rate_threshold, config.slow_rate

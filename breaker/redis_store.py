@@ -8,7 +8,6 @@ AsyncRedisStore; this module sends the commands.
 
 from __future__ import annotations
 
-import atexit
 import os
 import threading
 import time
@@ -80,7 +79,7 @@ class RedisStore:
         self._lease_prefix = f"{os.getpid()}:{uuid.uuid4().hex[:8]}:"
         self._lease_seq = 0
         self._lease_lock = threading.Lock()
-        self._flusher = _Flusher(self)
+        self._flusher = _Flusher()
         _LIVE_STORES.add(self)
 
     @classmethod
@@ -132,7 +131,7 @@ class RedisStore:
         return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in raw)
 
     def flush(self) -> None:
-        """Send every count this process has batched, now."""
+        """Send every count this process has batched, now (before exit, for instance)."""
         self._flusher.flush_all()
 
     def next_lease(self) -> str:
@@ -249,6 +248,24 @@ class RedisCircuit(RedisCircuitCore):
         if reply is not None and reply[0]:
             self.apply(reply)
 
+    def flush_in_background(self) -> None:
+        """Send the batched counts for the flush thread, best effort and quietly.
+
+        Store trouble here changes nothing and logs nothing: the counts wait for this
+        process's next command, which will meet the trouble and report it (a process that
+        has gone quiet, or whose store was dropped, is not woken again). A bug still logs.
+        """
+        if self.flush_deadline() is None or self._store.health.degraded:
+            return
+        try:
+            reply = self._eval("flush")
+        except redis.RedisError as exc:
+            if is_script_bug(exc):
+                self._store.health.failed(exc, "flush")
+            return
+        if reply[0]:
+            self.apply(reply)
+
     def _eval(self, op: str, *argv: Any) -> list[Any]:
         batch = self.take_batch()
         try:
@@ -276,8 +293,7 @@ class RedisCircuit(RedisCircuitCore):
 class _Flusher:
     """Send each circuit's batch by its deadline, from a daemon thread that runs while needed."""
 
-    def __init__(self, store: RedisStore) -> None:
-        self._store = weakref.ref(store)
+    def __init__(self) -> None:
         self._due: dict[RedisCircuit, float] = {}
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -326,21 +342,19 @@ class _Flusher:
                 for circuit in ready:
                     del self._due[circuit]
             for circuit in ready:
-                circuit.flush()
-                # A batch begun since (or put back after a refused command) waits its turn.
                 deadline = circuit.flush_deadline()
-                store = self._store()
-                if deadline is not None and store is not None:
-                    self.schedule(circuit, max(deadline, now + store.reconnect_interval))
+                if deadline is None:
+                    continue  # another command took the batch
+                if deadline > now:
+                    self.schedule(circuit, deadline)  # a batch begun since waits its turn
+                else:
+                    circuit.flush_in_background()
 
 
-# Every RedisStore of the process: flushed at exit, their batches dropped in a forked child.
+# Every RedisStore of the process, whose batches a forked child must not send again. There
+# is no flush at exit: it could hang a shutdown on an unreachable Redis; a process that
+# wants its last counts sent calls flush() (the flush thread sends them within staleness).
 _LIVE_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
-
-
-def _flush_live_stores() -> None:
-    for store in list(_LIVE_STORES):
-        store.flush()
 
 
 def _forget_batches_in_child() -> None:
@@ -348,5 +362,4 @@ def _forget_batches_in_child() -> None:
         store._forget_batches()
 
 
-atexit.register(_flush_live_stores)
 os.register_at_fork(after_in_child=_forget_batches_in_child)

@@ -50,28 +50,31 @@ class WindowCounts:
 class Window:
     """Counts of outcomes per time bucket; buckets older than the window are dropped."""
 
-    __slots__ = ("_buckets",)
+    __slots__ = ("_buckets", "_current", "_epoch")
 
     def __init__(self) -> None:
-        # bucket number (time // width) -> [calls, failures, slow calls]
+        # bucket number (time in ms // bucket width) -> [calls, failures, slow calls]
         self._buckets: dict[int, list[int]] = {}
+        # The bucket calls were last added to, and its number: most calls land there.
+        self._epoch = -1
+        self._current = [0, 0, 0]
 
-    def add(self, now: float, window_seconds: float, failed: bool, slow: bool,
-            calls: int = 1) -> None:
-        """Count calls that ended now (several successes at once when calls > 1)."""
-        epoch = self._epoch(now, window_seconds)
-        bucket = self._buckets.get(epoch)
-        if bucket is None:
+    def add(self, now: float, width_ms: int, failed: bool, slow: bool) -> None:
+        """Count a call that ended now, in buckets width_ms wide."""
+        epoch = math.floor(now * 1000 / width_ms)
+        if epoch != self._epoch:
             for old in [e for e in self._buckets if e <= epoch - BUCKETS]:
                 del self._buckets[old]
-            bucket = self._buckets[epoch] = [0, 0, 0]
-        bucket[0] += calls
+            self._epoch = epoch
+            self._current = self._buckets.setdefault(epoch, [0, 0, 0])
+        bucket = self._current
+        bucket[0] += 1
         bucket[1] += failed
         bucket[2] += slow
 
-    def counts(self, now: float, window_seconds: float) -> WindowCounts:
+    def counts(self, now: float, width_ms: int) -> WindowCounts:
         """Return the outcomes of the buckets the window covers now."""
-        epoch = self._epoch(now, window_seconds)
+        epoch = math.floor(now * 1000 / width_ms)
         calls = failures = slow = 0
         for e, (n, f, s) in self._buckets.items():
             if epoch - BUCKETS < e <= epoch:
@@ -81,7 +84,4 @@ class Window:
     def clear(self) -> None:
         """Forget every outcome (on a transition, as resilience4j does)."""
         self._buckets.clear()
-
-    @staticmethod
-    def _epoch(now: float, window_seconds: float) -> int:
-        return math.floor(now * 1000 / bucket_ms(window_seconds))
+        self._epoch = -1
