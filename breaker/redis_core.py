@@ -252,13 +252,15 @@ class RedisCircuitCore:
         with self._lock:
             if self._batch_since is None:
                 self._batch_since = time.monotonic()
-            if successes and self._batch_successes and self._batch_gen != gen:
-                # Successes of two generations cannot share a batch: keep the newer ones.
-                return
-            if successes or not self._batch_successes:
-                self._batch_gen = gen
-            self._batch_successes += successes
             self._batch_rejected += rejected
+            if not successes:
+                return
+            if self._batch_successes and self._batch_gen != gen:
+                # Successes of two generations cannot share a batch: those put back are
+                # older, from before a transition; they are dropped (totals only).
+                return
+            self._batch_gen = gen
+            self._batch_successes += successes
 
     def forget_batch(self) -> None:
         """Drop the batch (a forked child must not send its parent's counts again)."""

@@ -408,6 +408,25 @@ def test_permit_release_frees_the_probe_slot_and_counts_nothing(harness: Harness
     assert cb.snapshot()["calls"] == calls_before
 
 
+def test_permit_block_reports_its_end_unless_the_block_reported(harness: Harness) -> None:
+    cb = harness.make(failure_threshold=3, is_failure=not_declined)
+
+    with cb.permit() as permit:
+        assert not permit.is_probe
+    with pytest.raises(ProviderDown), cb.permit():
+        raise ProviderDown
+    with pytest.raises(Declined), cb.permit():
+        raise Declined
+    with cb.permit() as permit:
+        permit.failure(ProviderDown())
+    with pytest.raises(Interrupted), cb.permit():
+        raise Interrupted
+
+    assert cb.failure_count == 1
+    snap = cb.snapshot()
+    assert (snap["calls"], snap["failures"]) == (4, 2)
+
+
 @pytest.mark.parametrize("second_use", ["success", "failure", "done", "release"])
 @pytest.mark.parametrize("first_use", ["success", "failure", "done", "release"])
 def test_permit_used_twice_raises_runtime_error(
