@@ -149,6 +149,40 @@ def test_successes_batched_before_an_outage_reach_the_totals_after_it(
     assert cb.snapshot()["calls"] == 5
 
 
+def test_async_store_out_of_memory_uses_the_fallback_too(
+    spare_redis_server: RedisServer, admin: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="breaker")
+
+    async def scenario() -> None:
+        store = AsyncRedisStore.from_url(spare_redis_server.url, reconnect_interval=0.05)
+        cb = AsyncCircuitBreaker(NAME, store=store, failure_threshold=1, timeout_seconds=30.0)
+        assert await cb.call(_answer) == "charged"
+        with out_of_memory(admin):
+            await store.flush()
+            with pytest.raises(ProviderDown):
+                await cb.call(_provider_down)
+            with pytest.raises(CircuitBreakerOpenError):
+                await cb.call(_answer)
+            assert (await cb.snapshot())["store"] == "fallback"
+        await cb.reset()
+        snapshot = await cb.snapshot()
+        while snapshot["store"] != "redis":
+            await asyncio.sleep(0.05)
+            snapshot = await cb.snapshot()
+        assert snapshot["calls"] == 1
+        await store.client.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=10))
+    warnings = warnings_of(caplog)
+    assert warnings[0].startswith("Circuit breaker store failing (OutOfMemoryError:")
+    assert warnings[1:] == ["Circuit breaker store reachable again; breakers share Redis state"]
+
+
+async def _provider_down() -> str:
+    raise ProviderDown
+
+
 # --- No permission, busy ---------------------------------------------------------------
 
 
