@@ -1,8 +1,11 @@
 """A circuit breaker (ADR-003) whose state one process or every process on a Redis shares.
 
-No Celery here: the breaker, its stores and its metrics, usable from any Python code.
+No Celery here: the breaker (sync and asyncio), its stores and its metrics, usable from
+any Python code.
 """
 
+from breaker.async_circuit import AsyncCircuitBreaker, AsyncPermit
+from breaker.async_redis_store import AsyncRedisStore
 from breaker.circuit import CircuitBreaker, CircuitBreakerListener, Permit
 from breaker.memory import MemoryStore
 from breaker.redis_store import RedisStore
@@ -11,6 +14,9 @@ from breaker.state import BreakerConfig, CircuitBreakerOpenError, CircuitState, 
 from breaker.store import StateView, Store
 
 __all__ = [
+    "AsyncCircuitBreaker",
+    "AsyncPermit",
+    "AsyncRedisStore",
     "BreakerConfig",
     "BreakerRegistry",
     "CircuitBreaker",

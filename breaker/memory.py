@@ -9,22 +9,24 @@ from collections.abc import Callable
 from typing import Any
 
 from breaker.state import BreakerConfig, CircuitBreakerOpenError, CircuitState, Outcome
-from breaker.store import StateView, Ticket, TransitionHook, build_snapshot
+from breaker.store import PolicyView, StateView, Ticket, TransitionHook, build_snapshot
+from breaker.window import Window, bucket_ms
 
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 # Module constants: looking a member up on an Enum class costs ~70 ns a time on 3.11.
 SUCCESS, FAILURE, IGNORED = Outcome.SUCCESS, Outcome.FAILURE, Outcome.IGNORED
 
-Event = tuple[CircuitState, CircuitState, str, int]
+Event = tuple[CircuitState, CircuitState, str, int, float]
 
 
 class _Shared:
     """The state of one circuit, shared by every breaker of that name in the process."""
 
     __slots__ = (
-        "created_wall", "failures", "fc", "gen", "half_open_failures", "half_open_successes",
-        "lock", "opened_at", "probes", "rejected", "sc", "secs", "since", "state", "successes",
-        "transitions",
+        "cause", "created_wall", "failures", "fc", "gen", "half_open_failures",
+        "half_open_successes", "lock", "open_for", "opened_at", "openings", "probes", "rejected",
+        "reopens", "sc", "secs", "since", "slow_calls", "state", "successes", "transitions",
+        "window",
     )
 
     def __init__(self, now: float) -> None:
@@ -34,6 +36,14 @@ class _Shared:
         self.fc = 0
         self.sc = 0
         self.opened_at: float | None = None
+        # How long the current (or last) opening lasts; None: the base timeout, as after a close.
+        self.open_for: float | None = None
+        # Consecutive re-openings from HALF_OPEN since the circuit last closed.
+        self.reopens = 0
+        self.cause: str | None = None
+        self.openings: dict[str, int] = {}
+        self.slow_calls = 0
+        self.window = Window()
         self.since = now
         self.probes: dict[int, float] = {}
         self.successes = 0
@@ -83,7 +93,7 @@ class MemoryStore:
 class MemoryCircuit:
     """One circuit of a MemoryStore as seen with one breaker's settings."""
 
-    __slots__ = ("_clock", "_config", "_leases", "_name", "_notify", "_s")
+    __slots__ = ("_bucket_ms", "_config", "_leases", "_name", "_notify", "_plain", "_s", "clock")
 
     def __init__(
         self,
@@ -98,8 +108,11 @@ class MemoryCircuit:
         self._config = config
         self._s = shared
         self._notify = on_transition
-        self._clock = clock
+        self.clock = clock
         self._leases = leases
+        # No rate rule: a success in CLOSED only counts and clears fc (the hot path).
+        self._plain = not config.windowed
+        self._bucket_ms = bucket_ms(config.window_seconds)
 
     def admit(self) -> Ticket:
         """Admit a call or raise CircuitBreakerOpenError."""
@@ -115,7 +128,7 @@ class MemoryCircuit:
             if s.state is CLOSED:
                 return (s.gen, 0)
             events: list[Event] = []
-            now = self._clock()
+            now = self.clock()
             self._expire_open(now, events)
             ticket = self._admit_probe(now)
             if ticket is None:
@@ -126,16 +139,21 @@ class MemoryCircuit:
             raise error
         return ticket
 
-    def record(self, ticket: Ticket, outcome: Outcome) -> None:
-        """Report how an admitted call ended."""
+    def record(
+        self, ticket: Ticket, outcome: Outcome, slow: bool = False, retry_after: float = 0.0
+    ) -> None:
+        """Report how an admitted call ended: slow or not, and the wait a failure asked for."""
         gen, lease = ticket
         s = self._s
-        if not lease and outcome is SUCCESS:
-            # The hot path, as in admit(): a success in CLOSED only counts and clears fc.
+        if not (lease or slow) and outcome is SUCCESS:
+            # The hot path, as in admit(): a success in CLOSED only counts, clears fc and,
+            # with a rate rule, goes into the window (it cannot raise either rate).
             s.lock.acquire()
             if s.state is CLOSED and gen == s.gen:
                 s.successes += 1
                 s.fc = 0
+                if not self._plain:
+                    s.window.add(self.clock(), self._bucket_ms, False, False)
                 s.lock.release()
                 return
             s.lock.release()
@@ -145,14 +163,24 @@ class MemoryCircuit:
             if outcome is IGNORED:
                 return
             events: list[Event] = []
-            self._record(gen, outcome is FAILURE, self._clock(), events)
+            self._record(gen, outcome is FAILURE, slow, retry_after, self.clock(), events)
         self._emit(events)
+
+    def record_orphan(self, outcome: Outcome, slow: bool, retry_after: float) -> None:
+        """Record a call admitted elsewhere (on Redis, which then failed) as if admitted now.
+
+        It moves the state machine only in CLOSED; otherwise it counts in the totals.
+        """
+        s = self._s
+        with s.lock:
+            gen = s.gen if s.state is CLOSED else 0
+        self.record((gen, 0), outcome, slow, retry_after)
 
     def view(self) -> StateView:
         """Return the current state, HALF_OPEN as soon as the timeout has run out."""
         s = self._s
         with s.lock:
-            now = self._clock()
+            now = self.clock()
             state, fc, sc = s.state, s.fc, s.sc
             if state is OPEN and self._timed_out(now):
                 state, fc, sc = HALF_OPEN, 0, 0
@@ -169,13 +197,14 @@ class MemoryCircuit:
         s = self._s
         events: list[Event] = []
         with s.lock:
-            now = self._clock()
+            now = self.clock()
             self._expire_open(now, events)
             if s.state is not CLOSED:
-                self._move(CLOSED, now, "reset", events)
+                self._move(CLOSED, now, "reset", 0, events)
             else:
                 s.gen += 1
                 s.fc = s.sc = 0
+                s.window.clear()
         self._emit(events)
 
     def force_open(self) -> None:
@@ -183,10 +212,10 @@ class MemoryCircuit:
         s = self._s
         events: list[Event] = []
         with s.lock:
-            now = self._clock()
+            now = self.clock()
             self._expire_open(now, events)
             if s.state is not OPEN:
-                self._move(OPEN, now, "forced", events)
+                self._open("forced", 0, 0.0, now, events)
             else:
                 s.gen += 1
                 s.opened_at = now
@@ -197,13 +226,13 @@ class MemoryCircuit:
         view = self.view()
         s = self._s
         with s.lock:
-            now = self._clock()
+            now = self.clock()
             secs = {state.value: value for state, value in s.secs.items()}
             transitions = dict(s.transitions)
             since, current = s.since, s.state
             if current is OPEN and self._timed_out(now):
                 assert s.opened_at is not None
-                ran_out = s.opened_at + self._config.timeout_seconds
+                ran_out = s.opened_at + self._open_for()
                 secs[OPEN.value] += max(0.0, ran_out - since)
                 current, since = HALF_OPEN, ran_out
                 key = "open->half_open"
@@ -219,37 +248,88 @@ class MemoryCircuit:
             opened_at = None
             if s.opened_at is not None:
                 opened_at = round(time.time() - (now - s.opened_at), 3)
+            config = self._config
+            policy = PolicyView(
+                open_duration=self._open_for(),
+                reopens=s.reopens,
+                open_cause=s.cause,
+                openings=dict(s.openings),
+                slow_calls=s.slow_calls,
+                window=s.window.counts(now, self._bucket_ms) if config.windowed else None,
+            )
         return build_snapshot(
-            self._name, self._config, view, totals, transitions, secs, opened_at, "memory"
+            self._name, config, view, totals, transitions, secs, opened_at, "memory", policy
         )
 
     # The rules below run with the circuit's lock held.
 
-    def _record(self, gen: int, failed: bool, now: float, events: list[Event]) -> None:
-        s = self._s
+    def _record(
+        self, gen: int, failed: bool, slow: bool, retry_after: float, now: float,
+        events: list[Event],
+    ) -> None:
+        s, config = self._s, self._config
         if failed:
             s.failures += 1
         else:
             s.successes += 1
+        if slow:
+            s.slow_calls += 1
         self._expire_open(now, events)
         if gen != s.gen:
             return
+        wait = retry_after if failed else 0.0
         if s.state is CLOSED:
-            if not failed:
+            if failed:
+                s.fc += 1
+                if s.fc >= config.failure_threshold:
+                    self._open("failures", s.fc, wait, now, events)
+                    return
+            else:
                 s.fc = 0
-                return
-            s.fc += 1
-            if s.fc >= self._config.failure_threshold:
-                self._move(OPEN, now, "failures", events)
+            if config.windowed:
+                s.window.add(now, self._bucket_ms, failed, slow)
+                if failed or slow:
+                    self._check_rates(now, wait, events)
         elif s.state is HALF_OPEN:
             if failed:
                 s.half_open_failures += 1
-                self._move(OPEN, now, "probe_failed", events)
+                self._open("probe_failed", 1, wait, now, events)
                 return
             s.half_open_successes += 1
+            if slow:
+                # A probe that answers slowly shows no recovery from slowness.
+                self._open("slow_calls", 1, 0.0, now, events)
+                return
             s.sc += 1
-            if s.sc >= self._config.success_threshold:
-                self._move(CLOSED, now, "recovered", events)
+            if s.sc >= config.success_threshold:
+                self._move(CLOSED, now, "recovered", s.sc, events)
+
+    def _check_rates(self, now: float, wait: float, events: list[Event]) -> None:
+        config = self._config
+        counts = self._s.window.counts(now, self._bucket_ms)
+        if counts.calls < config.minimum_calls:
+            return
+        failure_rate, slow_rate = config.failure_rate_threshold, config.slow_rate
+        if failure_rate is not None and counts.failure_rate() >= failure_rate:
+            self._open("failure_rate", counts.calls, wait, now, events)
+        elif slow_rate is not None and counts.slow_call_rate() >= slow_rate:
+            self._open("slow_calls", counts.calls, wait, now, events)
+
+    def _open(
+        self, cause: str, count: int, wait: float, now: float, events: list[Event]
+    ) -> None:
+        """Open for the policy's duration, or the dependency's wait if longer, capped."""
+        s, config = self._s, self._config
+        if s.state is HALF_OPEN and cause != "forced":
+            s.reopens += 1
+        seconds = config.open_seconds(s.reopens)
+        if wait > 0:
+            seconds = min(max(seconds, wait), config.max_open_seconds)
+            cause = "retry_after"
+        s.open_for = seconds
+        s.cause = cause
+        s.openings[cause] = s.openings.get(cause, 0) + 1
+        self._move(OPEN, now, cause, count, events)
 
     def _admit_probe(self, now: float) -> Ticket | None:
         s = self._s
@@ -265,28 +345,33 @@ class MemoryCircuit:
             del probes[lease]
         return len(probes) >= self._config.half_open_max_calls
 
+    def _open_for(self) -> float:
+        open_for = self._s.open_for
+        return self._config.timeout_seconds if open_for is None else open_for
+
     def _timed_out(self, now: float) -> bool:
         opened_at = self._s.opened_at
-        return opened_at is not None and now >= opened_at + self._config.timeout_seconds
+        return opened_at is not None and now >= opened_at + self._open_for()
 
     def _expire_open(self, now: float, events: list[Event]) -> None:
         s = self._s
         if s.state is OPEN and self._timed_out(now):
             assert s.opened_at is not None
-            self._move(HALF_OPEN, s.opened_at + self._config.timeout_seconds, "timeout", events)
+            self._move(HALF_OPEN, s.opened_at + self._open_for(), "timeout", 0, events)
 
     def _retry_after(self, now: float) -> float:
         s = self._s
         if s.state is OPEN and s.opened_at is not None:
-            return max(0.0, s.opened_at + self._config.timeout_seconds - now)
+            return max(0.0, s.opened_at + self._open_for() - now)
         if s.state is HALF_OPEN:
             return self._config.half_open_retry_after
         return 0.0
 
-    def _move(self, to: CircuitState, at: float, cause: str, events: list[Event]) -> None:
+    def _move(
+        self, to: CircuitState, at: float, cause: str, count: int, events: list[Event]
+    ) -> None:
         s = self._s
         came_from = s.state
-        count = s.sc if cause == "recovered" else s.fc
         s.secs[came_from] += max(0.0, at - s.since)
         key = f"{came_from.value}->{to.value}"
         s.transitions[key] = s.transitions.get(key, 0) + 1
@@ -295,10 +380,17 @@ class MemoryCircuit:
         s.fc = s.sc = 0
         s.since = at
         s.probes.clear()
+        # Every state starts with an empty window, as in resilience4j.
+        s.window.clear()
+        open_seconds = 0.0
         if to is OPEN:
             s.opened_at = at
-        events.append((came_from, to, cause, count))
+            open_seconds = self._open_for()
+        elif to is CLOSED:
+            s.open_for = None
+            s.reopens = 0
+        events.append((came_from, to, cause, count, open_seconds))
 
     def _emit(self, events: list[Event]) -> None:
-        for came_from, to, cause, count in events:
-            self._notify(came_from, to, cause, count)
+        for came_from, to, cause, count, open_seconds in events:
+            self._notify(came_from, to, cause, count, open_seconds)

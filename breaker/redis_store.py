@@ -1,18 +1,19 @@
 """RedisStore: one circuit per name shared by every process on a Redis, rules in Lua.
 
 Every state change is one Lua script run atomically on the server with the server's
-clock; docs/design.md shows the keys, the scripts and the states.
+clock; docs/design.md shows the keys, the scripts and the states. The decisions a process
+makes about its cache and its batched counts live in breaker/redis_core.py, shared with
+AsyncRedisStore; this module sends the commands.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
-from importlib import resources
 from typing import Any
 
 import redis
@@ -21,54 +22,27 @@ from redis.commands.core import Script
 
 from breaker.connection import client_from_url
 from breaker.memory import MemoryStore
-from breaker.state import BreakerConfig, CircuitBreakerOpenError, CircuitState, Outcome
-from breaker.store import StateView, Ticket, TransitionHook, build_snapshot
-
-log = logging.getLogger("breaker")
-
-CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
-
-# Errors that mean "Redis cannot be reached right now", as opposed to a bug in a script.
-# A Redis Cluster that lost a master answers CLUSTERDOWN (ClusterError), and when no node
-# answers redis-py raises RedisClusterException ("cannot be connected"): neither is a
-# ConnectionError.
-UNREACHABLE = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.ClusterError,
-    redis.exceptions.RedisClusterException,
+from breaker.redis_core import (
+    SCRIPTS,
+    STORE_ERRORS,
+    SUCCESS,
+    RedisCircuitCore,
+    StoreHealth,
+    is_script_bug,
 )
-
-# Tickets handed out by the per-process fallback carry their generation negated; Redis
-# generations are server timestamps in milliseconds, always positive.
-
-
-# How long a process refuses calls on its own while all probe slots are taken, before it
-# asks Redis again: a refused caller still gets the server's retry_after.
-HALF_OPEN_LOCAL_REFUSAL_SECONDS = 0.05
-
-
-def _load_scripts() -> dict[str, str]:
-    folder = resources.files("breaker") / "lua"
-    common = (folder / "common.lua").read_text()
-    return {
-        op: common + "\n" + (folder / f"{op}.lua").read_text()
-        for op in ("admit", "record", "reset", "force_open", "read")
-    }
-
-
-SCRIPTS = _load_scripts()
+from breaker.state import BreakerConfig, Outcome
+from breaker.store import StateView, Ticket, TransitionHook
 
 
 class RedisStore:
     """Keep circuits in Redis so that every process shares them.
 
     A process acts on what the server told it for at most ``staleness_seconds``: a closed
-    circuit with no recent failure admits without a round trip, and an open one refuses
-    without one, so a healthy call costs one command (its outcome) and a refused call
-    almost none. If Redis cannot be reached, circuits carry on in a per-process fallback
-    and go back to Redis once it answers again.
+    circuit with no recent failure admits without a round trip and batches its successes,
+    and an open one refuses without one, so a healthy call and a refused call cost no
+    command; a busy process sends one per circuit per ``staleness_seconds``. If Redis cannot
+    be used (unreachable, or refusing: out of memory, no permission, busy...), circuits
+    carry on in a per-process fallback and go back to Redis once it answers again.
     """
 
     kind = "redis"
@@ -104,7 +78,7 @@ class RedisStore:
         self.index_key = f"{prefix}:index"
         self.ttl_ms = int(key_ttl_seconds * 1000)
         self.staleness = float(staleness_seconds)
-        self.reconnect_interval = float(reconnect_interval)
+        self.health = StoreHealth(float(reconnect_interval))
         self.scripts: dict[str, Script] = {
             op: client.register_script(source) for op, source in SCRIPTS.items()
         }
@@ -112,9 +86,8 @@ class RedisStore:
         self._lease_prefix = f"{os.getpid()}:{uuid.uuid4().hex[:8]}:"
         self._lease_seq = 0
         self._lease_lock = threading.Lock()
-        self._degraded = False
-        self._retry_at = 0.0
-        self._health_lock = threading.Lock()
+        self._flusher = _Flusher()
+        _LIVE_STORES.add(self)
 
     @classmethod
     def from_url(
@@ -141,6 +114,10 @@ class RedisStore:
         base = f"{self.prefix}:{{{name}}}"
         return [base, f"{base}:probes"]
 
+    def window_key(self, name: str) -> str:
+        """Return the key of name's outcome window (the rate rules), in the same slot."""
+        return f"{self.prefix}:{{{name}}}:window"
+
     def bind(
         self,
         name: str,
@@ -155,17 +132,22 @@ class RedisStore:
                 "an injected clock works with MemoryStore only"
             )
         circuit = RedisCircuit(self, name, config, on_transition)
-        self.run(lambda: self.client.zadd(self.index_key, {name: time.time()}), lambda: 0)
+        self.run("index", lambda: self.client.zadd(self.index_key, {name: time.time()}),
+                 lambda: 0)
         return circuit
 
     def names(self) -> list[str]:
         """Return the names of every circuit registered on this Redis.
 
-        Raises redis.ConnectionError if Redis cannot be reached: a list from the fallback
-        would hide breakers that other processes use.
+        Raises redis.RedisError if Redis cannot be used: a list from the fallback would
+        hide breakers that other processes use.
         """
         raw = self.client.zrange(self.index_key, 0, -1)
         return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in raw)
+
+    def flush(self) -> None:
+        """Send every count this process has batched, now (before exit, for instance)."""
+        self._flusher.flush_all()
 
     def next_lease(self) -> str:
         """Return a probe lease id unique across processes."""
@@ -175,119 +157,86 @@ class RedisStore:
 
     @property
     def degraded(self) -> bool:
-        """Return True while Redis is unreachable and circuits run on the fallback."""
-        return self._degraded
+        """Return True while Redis cannot be used and circuits run on the fallback."""
+        return self.health.degraded
+
+    @property
+    def reconnect_interval(self) -> float:
+        """Return how often a degraded store tries Redis again, in seconds."""
+        return self.health.reconnect_interval
 
     def use_redis(self) -> bool:
         """Return whether to try Redis now: always when healthy, once per interval if not."""
-        if not self._degraded:
-            return True
-        return time.monotonic() >= self._retry_at
+        return self.health.use_redis()
 
-    def run(self, command: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
-        """Run a Redis command; on an outage switch to the fallback and run that instead."""
-        if not self.use_redis():
+    def run(self, op: str, command: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
+        """Run a Redis command; on any Redis error use the fallback instead, never raise."""
+        if not self.health.use_redis():
             return fallback()
         try:
             result = command()
-        except UNREACHABLE as exc:
-            self._mark_down(exc)
+        except STORE_ERRORS as exc:
+            self.health.failed(exc, op)
             return fallback()
-        if self._degraded:
-            self._mark_up()
+        self.health.succeeded()
         return result
 
-    def _mark_down(self, exc: Exception) -> None:
-        with self._health_lock:
-            self._retry_at = time.monotonic() + self.reconnect_interval
-            if self._degraded:
-                return
-            self._degraded = True
-        log.warning(
-            "Circuit breaker store unreachable (%s: %s); breakers run on a per-process "
-            "fallback until Redis answers again",
-            type(exc).__name__, exc,
-        )
-
-    def _mark_up(self) -> None:
-        with self._health_lock:
-            if not self._degraded:
-                return
-            self._degraded = False
-        log.warning("Circuit breaker store reachable again; breakers share Redis state")
+    def _forget_batches(self) -> None:
+        self._flusher.forget()
 
 
-class RedisCircuit:
+class RedisCircuit(RedisCircuitCore):
     """One circuit in Redis as seen with one breaker's settings, with a short-lived cache."""
 
     def __init__(
         self, store: RedisStore, name: str, config: BreakerConfig, on_transition: TransitionHook
     ) -> None:
-        self._store = store
-        self._name = name
-        self._config = config
-        self._notify = on_transition
-        self._keys = store.keys(name)
-        self._argv_head = [
-            config.failure_threshold,
-            int(config.timeout_seconds * 1000),
-            config.success_threshold,
-            config.half_open_max_calls,
-            int(config.lease_seconds * 1000),
-            store.ttl_ms,
-        ]
-        self._fallback = store.fallback.bind(name, config, on_transition)
-        self._pending_rejected = 0
-        self._pending_lock = threading.Lock()
-        # What the server last said: (state, generation, failure count, act on it until,
-        # refuse locally until, retry_after ends at), times in time.monotonic. One tuple,
-        # replaced whole, so a thread never reads one answer's state with another's generation.
-        self._cache: tuple[CircuitState, int, int, float, float, float] = (
-            CLOSED, 0, 0, 0.0, 0.0, 0.0
+        super().__init__(
+            name, config, [*store.keys(name), store.window_key(name)], store.ttl_ms,
+            store.staleness, on_transition,
+            lambda deadline: store._flusher.schedule(self, deadline),
         )
+        self._store = store
+        self._fallback = store.fallback.bind(name, config, on_transition)
 
     def admit(self) -> Ticket:
         """Admit a call or raise CircuitBreakerOpenError, asking Redis only when needed."""
-        now = time.monotonic()
         store = self._store
-        state, gen, fc, fresh_until, refuse_until, retry_at = self._cache
-        if now < fresh_until and not store.degraded:
-            if state is CLOSED and not fc:
-                return (gen, None)
-            if now < refuse_until:
-                with self._pending_lock:
-                    self._pending_rejected += 1
-                raise CircuitBreakerOpenError(self._name, state, retry_at - now)
+        if not store.health.degraded:
+            ticket = self.admit_from_cache(time.monotonic())
+            if ticket is not None:
+                return ticket
         lease = store.next_lease()
-        reply = store.run(lambda: self._eval("admit", lease), lambda: None)
+        reply = store.run("admit", lambda: self._eval("admit", lease), lambda: None)
         if reply is None:
-            return self._fallback_admit()
-        admitted = self._apply(reply)
-        # From the reply, not the cache: another thread or a listener may have changed the
-        # cache since, and the round trip must not lengthen the wait.
-        state, gen, retry_ms = CircuitState(_text(reply[1])), int(reply[2]), int(reply[5])
-        if admitted:
-            return (gen, lease if state is HALF_OPEN else None)
-        raise CircuitBreakerOpenError(self._name, state, retry_ms / 1000)
+            gen, lease = self._fallback.admit()
+            return (-gen, lease)
+        return self.admitted(reply, lease)
 
-    def record(self, ticket: Ticket, outcome: Outcome) -> None:
-        """Report how an admitted call ended, in one round trip."""
+    def record(
+        self, ticket: Ticket, outcome: Outcome, slow: bool = False, retry_after: float = 0.0
+    ) -> None:
+        """Report how an admitted call ended; a healthy success costs no command."""
         gen, lease = ticket
         if gen < 0:
-            self._fallback.record((-gen, lease), outcome)
+            self._fallback.record((-gen, lease), outcome, slow, retry_after)
             return
-        # An outcome that cannot reach Redis is lost; the fallback starts from CLOSED.
-        reply = self._store.run(lambda: self._eval("record", gen, lease or "", int(outcome)),
-                                lambda: None)
-        if reply is not None:
-            self._apply(reply)
+        if outcome is SUCCESS and not (lease or slow) and self.batch_success(gen):
+            return
+        args = self.record_args(ticket, outcome, slow, retry_after)
+        reply = self._store.run("record", lambda: self._eval("record", *args), lambda: None)
+        if reply is None:
+            # Redis failed between admission and report: the fallback counts the outcome.
+            self._fallback.record_orphan(outcome, slow, retry_after)
+        else:
+            self.apply(reply)
 
     def view(self) -> StateView:
         """Return the state as the server sees it now."""
         reply = self._read()
         if reply is None:
             return self._fallback.view()
-        return self._view_from(reply)
+        return self.view_from(reply)
 
     def reset(self) -> None:
         """Force CLOSED with cleared consecutive counts, in a new generation."""
@@ -304,85 +253,128 @@ class RedisCircuit:
             snap = self._fallback.snapshot()
             snap["store"] = "fallback"
             return snap
-        view = self._view_from(reply)
-        fields = {_text(k): _text(v) for k, v in zip(reply[6::2], reply[7::2], strict=True)}
-        totals = {
-            key: int(fields.get(key, 0))
-            for key in ("successes", "failures", "rejected", "half_open_successes",
-                        "half_open_failures")
-        }
-        transitions = {k[3:]: int(v) for k, v in fields.items() if k.startswith("tr:")}
-        secs = {k[5:]: int(v) / 1000 for k, v in fields.items() if k.startswith("secs:")}
-        opened_ms = int(reply[4])
-        opened_at = round(opened_ms / 1000, 3) if opened_ms else None
-        return build_snapshot(
-            self._name, self._config, view, totals, transitions, secs, opened_at, "redis"
-        )
+        return self.snapshot_from(reply)
 
-    def _fallback_admit(self) -> Ticket:
-        gen, lease = self._fallback.admit()
-        return (-gen, lease)
+    def flush(self) -> None:
+        """Send the batched counts now, if there are any."""
+        if self.flush_deadline() is None:
+            return
+        reply = self._store.run("flush", lambda: self._eval("flush"), lambda: None)
+        if reply is not None and reply[0]:
+            self.apply(reply)
 
-    def _take_pending(self) -> int:
-        with self._pending_lock:
-            pending, self._pending_rejected = self._pending_rejected, 0
-        return pending
+    def flush_in_background(self) -> None:
+        """Send the batched counts for the flush thread, best effort and quietly.
+
+        Store trouble here changes nothing and logs nothing: the counts wait for this
+        process's next command, which will meet the trouble and report it (a process that
+        has gone quiet, or whose store was dropped, is not woken again). A bug still logs.
+        """
+        if self.flush_deadline() is None or self._store.health.degraded:
+            return
+        try:
+            reply = self._eval("flush")
+        except STORE_ERRORS as exc:
+            if is_script_bug(exc):
+                self._store.health.failed(exc, "flush")
+            return
+        if reply[0]:
+            self.apply(reply)
 
     def _eval(self, op: str, *argv: Any) -> list[Any]:
-        pending = self._take_pending()
+        batch = self.take_batch()
         try:
-            reply: list[Any] = self._store.scripts[op](
-                keys=self._keys, args=[*self._argv_head, pending, *argv]
-            )
-        except UNREACHABLE:
-            with self._pending_lock:
-                self._pending_rejected += pending
+            reply: list[Any] = self._store.scripts[op](keys=self.keys, args=self.args(batch, *argv))
+        except STORE_ERRORS as exc:
+            # Redis refused the script before its first write (common.lua's begin()), so the
+            # counts were not added: keep them for a later command. A script bug may have
+            # stopped anywhere, so its counts are dropped rather than risk adding them twice.
+            if not is_script_bug(exc):
+                self.restore_batch(batch)
             raise
         return reply
 
     def _read(self) -> list[Any] | None:
-        store = self._store
-        return store.run(lambda: self._eval("read"), lambda: None)  # type: ignore[no-any-return]
+        return self._store.run("read", lambda: self._eval("read"), lambda: None)  # type: ignore[no-any-return]
 
     def _operate(self, op: str, fallback: Callable[[], None]) -> None:
-        reply = self._store.run(lambda: self._eval(op), lambda: None)
+        reply = self._store.run(op, lambda: self._eval(op), lambda: None)
         if reply is None:
             fallback()
         else:
-            self._apply(reply)
-
-    def _apply(self, reply: list[Any]) -> bool:
-        """Cache what the server said and log the transitions this call made."""
-        now = time.monotonic()
-        status, state, gen, fc, _sc, retry_ms = reply[:6]
-        circuit_state = CircuitState(_text(state))
-        # retry_after is 0 whenever a call may be made, so it doubles as "refuse locally until".
-        retry_after = int(retry_ms) / 1000
-        refuse_for = retry_after
-        if circuit_state is HALF_OPEN:
-            # Probes answer in milliseconds: refusing locally for the whole retry_after would
-            # turn away every call of the next second although the circuit closed long since.
-            refuse_for = min(retry_after, HALF_OPEN_LOCAL_REFUSAL_SECONDS)
-        self._cache = (
-            circuit_state,
-            int(gen),
-            int(fc),
-            now + self._store.staleness,
-            now + refuse_for,
-            now + retry_after,
-        )
-        events = reply[6:]
-        for i in range(0, len(events), 4):
-            came_from, to, cause, count = events[i : i + 4]
-            self._notify(
-                CircuitState(_text(came_from)), CircuitState(_text(to)), _text(cause), int(count)
-            )
-        return bool(status)
-
-    def _view_from(self, reply: list[Any]) -> StateView:
-        state, fc, sc, retry_ms = reply[:4]
-        return StateView(CircuitState(_text(state)), int(retry_ms) / 1000, int(fc), int(sc))
+            self.apply(reply)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+class _Flusher:
+    """Send each circuit's batch by its deadline, from a daemon thread that runs while needed."""
+
+    def __init__(self) -> None:
+        self._due: dict[RedisCircuit, float] = {}
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, circuit: RedisCircuit, deadline: float) -> None:
+        """Flush circuit at deadline (time.monotonic) unless it is already due sooner."""
+        with self._wake:
+            if circuit in self._due and self._due[circuit] <= deadline:
+                return
+            self._due[circuit] = deadline
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="breaker-flush", daemon=True
+                )
+                self._thread.start()
+            else:
+                self._wake.notify()
+
+    def flush_all(self) -> None:
+        """Flush every circuit with a batch now, in the calling thread."""
+        with self._wake:
+            circuits = list(self._due)
+        for circuit in circuits:
+            circuit.flush()
+
+    def forget(self) -> None:
+        """Drop every batch and the thread (in a forked child, where neither is ours)."""
+        self._wake = threading.Condition()
+        self._thread = None
+        for circuit in self._due:
+            circuit.forget_batch()
+        self._due.clear()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                if not self._due:
+                    self._thread = None
+                    return
+                now = time.monotonic()
+                soonest = min(self._due.values())
+                if soonest > now:
+                    self._wake.wait(soonest - now)
+                    continue
+                ready = [c for c, deadline in self._due.items() if deadline <= now]
+                for circuit in ready:
+                    del self._due[circuit]
+            for circuit in ready:
+                deadline = circuit.flush_deadline()
+                if deadline is None:
+                    continue  # another command took the batch
+                if deadline > now:
+                    self.schedule(circuit, deadline)  # a batch begun since waits its turn
+                else:
+                    circuit.flush_in_background()
+
+
+# Every RedisStore of the process, whose batches a forked child must not send again. There
+# is no flush at exit: it could hang a shutdown on an unreachable Redis; a process that
+# wants its last counts sent calls flush() (the flush thread sends them within staleness).
+_LIVE_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def _forget_batches_in_child() -> None:
+    for store in list(_LIVE_STORES):
+        store._forget_batches()
+
+
+os.register_at_fork(after_in_child=_forget_batches_in_child)

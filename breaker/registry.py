@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,6 +18,13 @@ OVERRIDE_KEYS = {
     "success_threshold": "success_threshold",
     "half_open_max_calls": "half_open_max_calls",
     "probe_lease": "probe_lease_seconds",
+    "open_backoff": "open_backoff",
+    "max_timeout": "max_timeout_seconds",
+    "failure_rate_threshold": "failure_rate_threshold",
+    "window": "window_seconds",
+    "minimum_calls": "minimum_calls",
+    "slow_call_seconds": "slow_call_seconds",
+    "slow_call_rate_threshold": "slow_call_rate_threshold",
 }
 
 
@@ -52,14 +60,9 @@ class BreakerRegistry:
         with self._lock:
             breaker = self._breakers.get(name)
             if breaker is None:
-                config = self.config_for(name)
                 breaker = CircuitBreaker(
                     name,
-                    failure_threshold=config.failure_threshold,
-                    timeout_seconds=config.timeout_seconds,
-                    success_threshold=config.success_threshold,
-                    half_open_max_calls=config.half_open_max_calls,
-                    probe_lease_seconds=config.probe_lease_seconds,
+                    **dataclasses.asdict(self.config_for(name)),
                     store=self.store,
                     is_failure=self.is_failure,
                     listeners=self.listeners,
@@ -104,12 +107,9 @@ def validate_overrides(
                 f"breaker_overrides[{name!r}] has unknown setting(s) {', '.join(unknown)}; "
                 f"expected some of {', '.join(OVERRIDE_KEYS)}"
             )
-        values = defaults.as_dict()
-        values["probe_lease_seconds"] = defaults.probe_lease_seconds
-        for key, value in settings.items():
-            values[OVERRIDE_KEYS[key]] = value
+        changes = {OVERRIDE_KEYS[key]: value for key, value in settings.items()}
         try:
-            configs[name] = BreakerConfig(**values)
+            configs[name] = dataclasses.replace(defaults, **changes)
         except ValueError as exc:
             raise ValueError(f"breaker_overrides[{name!r}]: {exc}") from None
     return configs

@@ -210,3 +210,118 @@ def test_registry_refuses_an_invalid_breaker_name() -> None:
 
     with pytest.raises(ValueError, match=names("name")):
         registry.get("payments card")
+
+
+# --- Policies beyond ADR-003 ------------------------------------------------------------
+
+BAD_SHARES: list[Any] = [0, -0.1, 1.5, math.nan, "0.5", True]
+
+
+@pytest.mark.parametrize("value", [0.5, 0.99, -1, math.inf, math.nan, "2", True])
+def test_invalid_open_backoff_raises_value_error_naming_it(value: Any) -> None:
+    with pytest.raises(ValueError, match=names("open_backoff")):
+        CircuitBreaker("payments.card", open_backoff=value)
+
+
+@pytest.mark.parametrize("value", [*BAD_DURATIONS, 29.9])
+def test_invalid_max_timeout_raises_value_error_naming_it(value: Any) -> None:
+    # 29.9: shorter than the 30 s timeout it must cap.
+    with pytest.raises(ValueError, match=names("max_timeout_seconds")):
+        CircuitBreaker("payments.card", timeout_seconds=30, max_timeout_seconds=value)
+
+
+@pytest.mark.parametrize("value", BAD_SHARES)
+@pytest.mark.parametrize("parameter", ["failure_rate_threshold", "slow_call_rate_threshold"])
+def test_invalid_rate_threshold_raises_value_error_naming_it(parameter: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=names(parameter)):
+        CircuitBreaker("payments.card", slow_call_seconds=1.0, **{parameter: value})
+
+
+@pytest.mark.parametrize("parameter", ["window_seconds", "slow_call_seconds"])
+@pytest.mark.parametrize("value", BAD_DURATIONS)
+def test_invalid_policy_duration_raises_value_error_naming_it(parameter: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=names(parameter)):
+        CircuitBreaker("payments.card", **{parameter: value})
+
+
+@pytest.mark.parametrize("value", BAD_COUNTS)
+def test_invalid_minimum_calls_raises_value_error_naming_it(value: Any) -> None:
+    with pytest.raises(ValueError, match=names("minimum_calls")):
+        CircuitBreaker("payments.card", minimum_calls=value)
+
+
+def test_slow_call_rate_without_slow_call_seconds_raises_value_error() -> None:
+    with pytest.raises(ValueError, match=names("slow_call_seconds")):
+        CircuitBreaker("payments.card", slow_call_rate_threshold=0.5)
+
+
+def test_policies_are_off_by_default_and_reported_with_their_effective_values() -> None:
+    config = CircuitBreaker("payments.card", timeout_seconds=20).config
+
+    assert (config.open_backoff, config.max_open_seconds) == (1.0, 200.0)
+    assert not config.windowed
+    assert config.slow_rate is None
+    assert config.as_dict() == {
+        "failure_threshold": 3, "timeout_seconds": 20.0, "success_threshold": 2,
+        "half_open_max_calls": 2, "probe_lease_seconds": 20.0, "open_backoff": 1.0,
+        "max_timeout_seconds": 200.0, "failure_rate_threshold": None, "window_seconds": 30.0,
+        "minimum_calls": 10, "slow_call_seconds": None, "slow_call_rate_threshold": None,
+    }
+    slow = BreakerConfig(slow_call_seconds=2)
+    assert (slow.windowed, slow.slow_rate) == (True, 1.0)
+
+
+def test_open_duration_grows_by_the_backoff_and_stops_at_the_cap() -> None:
+    config = BreakerConfig(timeout_seconds=10, open_backoff=3, max_timeout_seconds=100)
+
+    assert [config.open_seconds(n) for n in range(5)] == [10.0, 30.0, 90.0, 100.0, 100.0]
+    # Far past any float: the cap, not an overflow.
+    assert config.open_seconds(100_000) == 100.0
+
+
+def test_registry_reads_policy_overrides_with_their_setting_names() -> None:
+    registry = BreakerRegistry(
+        MemoryStore(),
+        defaults=BreakerConfig(timeout_seconds=10, open_backoff=2),
+        overrides={"payments.paypal": {
+            "max_timeout": 120, "failure_rate_threshold": 0.5, "window": 60,
+            "minimum_calls": 20, "slow_call_seconds": 3, "slow_call_rate_threshold": 0.8,
+            "timeout": 40,
+        }},
+    )
+
+    paypal = registry.get("payments.paypal")
+
+    assert paypal.config == BreakerConfig(
+        timeout_seconds=40, open_backoff=2, max_timeout_seconds=120,
+        failure_rate_threshold=0.5, window_seconds=60, minimum_calls=20,
+        slow_call_seconds=3, slow_call_rate_threshold=0.8,
+    )
+    assert registry.get("payments.card").config == BreakerConfig(timeout_seconds=10, open_backoff=2)
+
+
+@pytest.mark.parametrize(
+    ("key", "settings"),
+    [
+        ("open_backoff", {"open_backoff": 0.5}),
+        ("max_timeout", {"max_timeout": 1}),
+        ("failure_rate_threshold", {"failure_rate_threshold": 2}),
+        ("window", {"window": 0}),
+        ("minimum_calls", {"minimum_calls": 0}),
+        ("slow_call_seconds", {"slow_call_seconds": -1}),
+        ("slow_call_rate_threshold", {"slow_call_seconds": 1, "slow_call_rate_threshold": 0}),
+    ],
+)
+def test_policy_override_with_a_bad_value_names_the_breaker_and_the_key(
+    key: str, settings: dict[str, Any]
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(key)) as caught:
+        validate_overrides({"payments.paypal": settings}, BreakerConfig())
+    assert "payments.paypal" in str(caught.value)
+
+
+def test_override_of_the_timeout_above_the_default_cap_is_accepted() -> None:
+    # The default cap follows each breaker's own timeout (10 x), not the defaults'.
+    configs = validate_overrides({"payments.paypal": {"timeout": 600}}, BreakerConfig())
+
+    assert configs["payments.paypal"].max_open_seconds == 6000.0

@@ -107,6 +107,8 @@ def test_status_json_prints_the_same_message_as_the_beat_publisher(
 ) -> None:
     run_calls(registry.get("payments.card"), failures=3)
     run_calls(registry.get("payments.paypal"), successes=1)
+    # A healthy success is batched for up to a second: send it now, as the next call would.
+    registry.store.flush()
 
     result = breaker_cli("status", "--json", env=cli_env)
     published = app.tasks["breaker.publish_state"].apply().get(timeout=10)

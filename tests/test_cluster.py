@@ -19,6 +19,8 @@ import redis.asyncio.cluster
 from redis.crc import key_slot
 
 from breaker import (
+    AsyncCircuitBreaker,
+    AsyncRedisStore,
     BreakerRegistry,
     CircuitBreaker,
     CircuitBreakerOpenError,
@@ -26,7 +28,6 @@ from breaker import (
     RedisStore,
 )
 from breaker.connection import async_client_from_url
-from breaker.redis_store import SCRIPTS
 from tests.dependencies import ProviderDown
 from tests.test_state_machine import (  # noqa: F401 - collected here, run on the cluster
     Harness,
@@ -203,15 +204,15 @@ def test_async_cluster_client_reads_the_circuit_a_sync_store_opened(cluster_url:
     store = RedisStore.from_url(cluster_url)
     CircuitBreaker("payments.card", store=store).force_open()
 
-    async def read_state() -> bytes:
+    async def read_state() -> CircuitState:
         client = async_client_from_url(cluster_url)
         assert isinstance(client, redis.asyncio.cluster.RedisCluster)
-        read = client.register_script(SCRIPTS["read"])
-        reply = await read(keys=store.keys("payments.card"), args=[3, 30000, 2, 2, 30000, 60000, 0])
+        breaker = AsyncCircuitBreaker("payments.card", store=AsyncRedisStore(client))
+        state = await breaker.state()
         await client.aclose()
-        return reply[0]
+        return state
 
-    assert asyncio.run(read_state()) == b"open"
+    assert asyncio.run(read_state()) is CircuitState.OPEN
     store.client.close()
 
 

@@ -82,6 +82,8 @@ def test_metrics_expose_every_family_with_its_prometheus_type(
     workers_registry: BreakerRegistry, exporter: str
 ) -> None:
     run_calls(workers_registry.get("payments.card"), successes=1)
+    # A healthy success is batched for up to a second: send it now, as the next call would.
+    workers_registry.store.flush()
 
     types, samples = scrape(exporter)
 
@@ -189,6 +191,8 @@ def test_health_is_ok_with_every_snapshot_while_the_breakers_are_closed(
 ) -> None:
     assert get_health(exporter) == (200, {"status": "ok", "breakers": []})
     run_calls(workers_registry.get("payments.card"), successes=1)
+    # A healthy success is batched for up to a second: send it now, as the next call would.
+    workers_registry.store.flush()
 
     status, body = get_health(exporter)
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
 
 from breaker import CircuitState
 from tests.waiting import wait_until
 from workers.parking import INDEX_KEY, Parking, Releaser
+from workers.runtime import forget
 
 BREAKER = "payments.card"
 NOW = 1_000_000.0
@@ -129,3 +134,20 @@ def test_the_releaser_thread_sends_what_the_state_allows_and_survives_errors(
 
     assert [m["options"]["task_id"] for m in sent] == ["t1"]
     assert parking.count(BREAKER) == 0
+
+
+def test_a_workers_releaser_runs_while_the_worker_runs_and_stops_with_it(
+    make_app: Callable[..., Celery],
+) -> None:
+    app = make_app(broker_transport_options={"polling_interval": 0.1})
+
+    def releasers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "charge-releaser"]
+
+    before = len(releasers())
+    with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
+        during = len(releasers())
+    forget(app)
+
+    assert during == before + 1
+    assert len(releasers()) == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import threading
 import time
 import uuid
@@ -192,18 +193,18 @@ def test_result_admitted_before_the_keys_expired_does_not_count_after(
 # --- Round trips --------------------------------------------------------------------
 
 
-def test_closed_circuit_costs_at_most_one_command_per_call(
+def test_healthy_calls_on_a_closed_circuit_send_no_command_yet_every_success_is_counted(
     stores: Callable[..., RedisStore], redis_url: str
 ) -> None:
-    cb = breaker_on(stores())
+    # A long cache, so that a slow machine cannot make the batch due inside the block.
+    cb = breaker_on(stores(staleness_seconds=5.0))
     cb.call(up)
 
     with commands_sent(redis_url) as sent:
         for _ in range(300):
             cb.call(up)
 
-    assert len(sent) <= 300
-    assert set(sent) == {"EVALSHA"}
+    assert sent == []
     assert cb.snapshot()["calls"] == 301
 
 
@@ -272,6 +273,88 @@ def test_failure_after_cached_success_is_counted_on_the_server(
     assert cb.state is OPEN
     with pytest.raises(CircuitBreakerOpenError):
         cb.call(up)
+
+
+def test_success_after_a_failure_is_sent_at_once_and_clears_the_count_for_everyone(
+    stores: Callable[..., RedisStore], redis_url: str
+) -> None:
+    cb = breaker_on(stores())
+    observer = breaker_on(stores(staleness_seconds=0))
+    fail(cb)
+    assert observer.failure_count == 1
+
+    with commands_sent(redis_url) as sent:
+        cb.call(up)
+
+    assert sent == ["EVALSHA", "EVALSHA"]
+    assert observer.failure_count == 0
+
+
+def test_a_process_that_stops_calling_sends_its_successes_within_staleness(
+    stores: Callable[..., RedisStore],
+) -> None:
+    worker = breaker_on(stores(staleness_seconds=0.3))
+    observer = breaker_on(stores(staleness_seconds=0))
+
+    for _ in range(10):
+        worker.call(up)
+
+    wait_until(lambda: observer.snapshot()["calls"] == 10, 0.3 + 2.0,
+               "the idle worker's batched successes to reach Redis")
+    assert observer.snapshot()["successes"] == 10
+
+
+def _child_calls_and_flushes(store: RedisStore, cb: CircuitBreaker) -> None:
+    for _ in range(3):
+        cb.call(up)
+    store.flush()
+
+
+def test_a_forked_child_does_not_send_its_parents_batch_again(
+    stores: Callable[..., RedisStore],
+) -> None:
+    store = stores(staleness_seconds=5.0)
+    cb = breaker_on(store)
+    for _ in range(5):
+        cb.call(up)
+
+    child = multiprocessing.get_context("fork").Process(
+        target=_child_calls_and_flushes, args=(store, cb)
+    )
+    child.start()
+    child.join(timeout=30)
+    store.flush()
+
+    assert child.exitcode == 0
+    assert cb.snapshot()["calls"] == 5 + 3
+
+
+def test_counts_batched_before_the_keys_were_deleted_do_not_bring_the_circuit_back(
+    stores: Callable[..., RedisStore], redis_client: redis.Redis
+) -> None:
+    store = stores(staleness_seconds=5.0)
+    cb = breaker_on(store)
+    for _ in range(5):
+        cb.call(up)
+    redis_client.delete(HASH_KEY)
+
+    store.flush()
+
+    assert not redis_client.exists(HASH_KEY)
+    assert cb.snapshot()["calls"] == 0
+
+
+def test_window_key_shares_the_circuits_slot_and_expires(
+    stores: Callable[..., RedisStore], redis_client: redis.Redis
+) -> None:
+    store = stores(staleness_seconds=0, key_ttl_seconds=3600)
+    cb = CircuitBreaker(NAME, store=store, failure_rate_threshold=0.5)
+    fail(cb)
+
+    window_key = store.window_key(NAME)
+    assert window_key == "breaker:{payments.card}:window"
+    assert key_slot(window_key.encode()) == key_slot(HASH_KEY.encode())
+    assert 0 < redis_client.pttl(window_key) <= 3_600_000
 
 
 # --- One circuit shared by every process -------------------------------------------

@@ -2,7 +2,7 @@
 
 MemoryStore runs on a fake clock stepped by hand; RedisStore (staleness 0, so every
 call asks the server) runs on the Redis server's clock, so its timeouts are short and
-`advance` waits until the server's time has moved on.
+`advance` waits until the server's time has moved on (tests/breaker_harness.py).
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import redis
 
 from breaker import (
     CircuitBreaker,
@@ -25,81 +24,27 @@ from breaker import (
     CircuitState,
     MemoryStore,
     RedisStore,
-    Store,
+)
+from tests.breaker_harness import (
+    NAME,
+    TIMEOUT,
+    FakeClock,
+    Harness,
+    harness_for,
+    wait_server_time,
 )
 from tests.dependencies import Declined, Interrupted, ProviderDown, not_declined
 
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 
-NAME = "payments.card"
-# Short enough for Redis tests to wait it out in real time.
-TIMEOUT = 0.3
 # For the tests that read retry_after and must not see the timeout run out meanwhile.
 LONG_TIMEOUT = 30.0
-
-
-
-
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def server_time(client: redis.Redis) -> float:
-    seconds, micros = client.time()
-    return seconds + micros / 1_000_000
-
-
-def wait_server_time(client: redis.Redis, seconds: float) -> None:
-    """Return once the Redis server's clock has moved on by at least seconds."""
-    # One millisecond more: the scripts read the clock in whole milliseconds.
-    target = server_time(client) + seconds + 0.001
-    deadline = time.monotonic() + seconds + 10.0
-    while server_time(client) < target:
-        assert time.monotonic() < deadline, "the Redis server clock did not advance"
-        time.sleep(min(0.01, seconds / 5))
-
-
-@dataclass
-class Harness:
-    """Makes breakers on one store and moves that store's clock forward."""
-
-    kind: str
-    store: Store
-    advance: Callable[[float], None]
-
-    def make(self, name: str = NAME, **settings: Any) -> CircuitBreaker:
-        options: dict[str, Any] = {
-            "failure_threshold": 3,
-            "timeout_seconds": TIMEOUT,
-            "success_threshold": 2,
-            "half_open_max_calls": 2,
-            **settings,
-        }
-        return CircuitBreaker(name, store=self.store, **options)
 
 
 @pytest.fixture(params=["memory", "redis"])
 def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     """Yield a breaker factory on MemoryStore(fake clock) or on RedisStore(staleness 0)."""
-    if request.param == "memory":
-        clock = FakeClock()
-        yield Harness("memory", MemoryStore(clock=clock), clock.advance)
-        return
-    url: str = request.getfixturevalue("redis_url")
-    store = RedisStore.from_url(url, staleness_seconds=0)
-    yield Harness("redis", store, functools.partial(wait_server_time, store.client))
-    store.client.close()
+    yield from harness_for(request)
 
 
 def down() -> str:
@@ -461,6 +406,25 @@ def test_permit_release_frees_the_probe_slot_and_counts_nothing(harness: Harness
 
     assert cb.allow().is_probe
     assert cb.snapshot()["calls"] == calls_before
+
+
+def test_permit_block_reports_its_end_unless_the_block_reported(harness: Harness) -> None:
+    cb = harness.make(failure_threshold=3, is_failure=not_declined)
+
+    with cb.permit() as permit:
+        assert not permit.is_probe
+    with pytest.raises(ProviderDown), cb.permit():
+        raise ProviderDown
+    with pytest.raises(Declined), cb.permit():
+        raise Declined
+    with cb.permit() as permit:
+        permit.failure(ProviderDown())
+    with pytest.raises(Interrupted), cb.permit():
+        raise Interrupted
+
+    assert cb.failure_count == 1
+    snap = cb.snapshot()
+    assert (snap["calls"], snap["failures"]) == (4, 2)
 
 
 @pytest.mark.parametrize("second_use", ["success", "failure", "done", "release"])

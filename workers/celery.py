@@ -59,6 +59,10 @@ class ReleaseParkedCharges(bootsteps.StartStopStep):  # type: ignore[misc]
     def stop(self, worker: Any) -> None:
         if self.releaser is not None:
             self.releaser.stop()
+            self.releaser = None
+
+    # A cold shutdown (and an embedded test worker's end) terminates instead of stopping.
+    terminate = stop
 
 
 def configure(app: Celery) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -40,6 +41,14 @@ class Settings:
     breaker_publish_interval: float = 5.0
     breaker_state_channel: str = "breaker:state"
     breaker_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Policies beyond ADR-003 (CONTRACT.md section 2); left out, the ADR's behaviour.
+    breaker_open_backoff: float = 1.0
+    breaker_max_timeout: float | None = None
+    breaker_failure_rate_threshold: float | None = None
+    breaker_window: float = 30.0
+    breaker_minimum_calls: int = 10
+    breaker_slow_call_seconds: float | None = None
+    breaker_slow_call_rate_threshold: float | None = None
     payment_provider_url: str = "http://127.0.0.1:8099"
     payment_provider_api_key: str = field(default="", repr=False)
     payment_provider_timeout: float = 10.0
@@ -69,6 +78,13 @@ class Settings:
             success_threshold=self.breaker_success_threshold,
             half_open_max_calls=self.breaker_half_open_max_calls,
             probe_lease_seconds=self.probe_lease,
+            open_backoff=self.breaker_open_backoff,
+            max_timeout_seconds=self.breaker_max_timeout,
+            failure_rate_threshold=self.breaker_failure_rate_threshold,
+            window_seconds=self.breaker_window,
+            minimum_calls=self.breaker_minimum_calls,
+            slow_call_seconds=self.breaker_slow_call_seconds,
+            slow_call_rate_threshold=self.breaker_slow_call_rate_threshold,
         )
 
     @property
@@ -176,6 +192,32 @@ def _mapping(name: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _number(name: str, value: Any, low: float, high: float | None = None) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise SettingsError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise SettingsError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low:g}" if high is None else f"between {low:g} and {high:g}"
+        raise SettingsError(f"{name} must be {bound}, got {value!r}")
+    return float(value)
+
+
+def _share(name: str, value: Any) -> float:
+    share = _number(name, value, 0.0, 1.0)
+    if share == 0:
+        raise SettingsError(f"{name} must be a share above 0 and at most 1, got {value!r}")
+    return share
+
+
+def _optional(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """Let an empty value (an unset environment variable's "") mean "off"."""
+    return lambda name, value: None if value == "" else parse(name, value)
+
+
 def _text(name: str, value: Any, allow_empty: bool = False) -> str:
     if not isinstance(value, str) or (not value and not allow_empty):
         raise SettingsError(f"{name} must be a non-empty string, got {value!r}")
@@ -213,6 +255,13 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "breaker_publish_interval": _seconds,
     "breaker_state_channel": _text,
     "breaker_overrides": _overrides,
+    "breaker_open_backoff": lambda n, v: _number(n, v, 1.0),
+    "breaker_max_timeout": _optional(_seconds),
+    "breaker_failure_rate_threshold": _optional(_share),
+    "breaker_window": _seconds,
+    "breaker_minimum_calls": lambda n, v: _integer(n, v, 1),
+    "breaker_slow_call_seconds": _optional(_seconds),
+    "breaker_slow_call_rate_threshold": _optional(_share),
     "payment_provider_url": lambda n, v: _url(n, v, ("http", "https")),
     "payment_provider_api_key": lambda n, v: _text(n, v, allow_empty=True),
     "payment_provider_timeout": _seconds,
@@ -298,7 +347,23 @@ def default_redis_url(broker_url: object) -> str:
     return DEFAULT_REDIS_URL
 
 
+# The library's names of the policy arguments, and the settings that give them.
+_POLICY_SETTINGS = {
+    "max_timeout_seconds": "breaker_max_timeout",
+    "slow_call_rate_threshold": "breaker_slow_call_rate_threshold",
+    "slow_call_seconds": "breaker_slow_call_seconds",
+    "timeout_seconds": "breaker_timeout",
+}
+
+
 def _check_together(s: Settings) -> None:
+    try:
+        s.breaker_defaults  # noqa: B018 - builds, and so validates, the breakers' settings
+    except ValueError as exc:
+        text = str(exc)
+        for argument, setting in _POLICY_SETTINGS.items():
+            text = re.sub(rf"(?<![a-z_]){argument}(?![a-z_])", setting, text)
+        raise SettingsError(text) from None
     if s.breaker_redis_url.startswith("sentinel://") and not s.breaker_redis_master_name:
         raise SettingsError(
             f"breaker_redis_master_name must name the Sentinel master of breaker_redis_url "

@@ -1,6 +1,7 @@
--- admit: ask to make a call. ARGV[8]: a lease id to hold a probe slot with in HALF_OPEN.
+-- admit: ask to make a call. ARGV[16]: a lease id to hold a probe slot with in HALF_OPEN.
 -- status 1: admitted (in HALF_OPEN the lease holds a probe slot); 0: refused.
-local lease_id = ARGV[8]
+local lease_id = ARGV[16]
+begin()
 expire_open()
 if c.state == 'closed' then
   return reply(1)
