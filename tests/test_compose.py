@@ -259,7 +259,7 @@ def test_prometheus_loads_the_rules_and_scrapes_the_exporter(compose: dict[str, 
     exporter_port = exporter_argv[exporter_argv.index("--port") + 1]
     assert targets == [f"exporter:{exporter_port}"]
     assert "exporter" in prometheus["depends_on"]
-    data_volume = f"{flags['storage.tsdb.path']}"
+    data_volume = flags["storage.tsdb.path"]
     assert [v for v in prometheus["volumes"] if v.endswith(f":{data_volume}")] == [
         f"prometheus-data:{data_volume}"
     ]
