@@ -1,8 +1,10 @@
-"""docker-compose.yml and the Dockerfile, checked without a Docker engine.
+"""docker-compose.yml, its Sentinel variant and the Dockerfile, checked without a Docker engine.
 
-The compose file is validated against the compose specification; every command it (and the
-image) runs is shown to exist in the project, the environment it passes to be settings the
-project reads, and the files the Dockerfile copies to be enough to build the package.
+Each stack (docker-compose.yml alone, and merged with docker-compose.sentinel.yml as
+`docker compose -f ... -f ...` merges them) is validated against the compose specification;
+every command it (and the image) runs is shown to exist in the project, the environment it
+passes to be settings the project reads, and the files the Dockerfile copies to be enough to
+build the package. What only the Sentinel variant has is in test_compose_sentinel.py.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tarfile
 import tomllib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,38 +29,72 @@ import pytest
 import yaml
 from celery.bin.celery import celery as celery_cli
 
+from tests import compose_files
+from tests.compose_files import COMPOSE_FILE, REPO_ROOT, SENTINEL_FILE
 from workers.config import SETTING_NAMES, read_settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
+PROMETHEUS_CONFIG = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
 BIN = Path(sys.executable).parent
 
-SERVICES = {"redis", "worker", "beat", "flower", "sandbox", "exporter"}
-PUBLISHED = {"flower": "127.0.0.1:5555:5555", "exporter": "127.0.0.1:9808:9808"}
+# CONTRACT.md section 7's services, and Prometheus.
+SERVICES = {"redis", "worker", "beat", "flower", "sandbox", "exporter", "prometheus"}
+APP_SERVICES = {"worker", "beat", "flower", "sandbox", "exporter"}
+PUBLISHED = {"flower": "127.0.0.1:5555:5555", "exporter": "127.0.0.1:9808:9808",
+             "prometheus": "127.0.0.1:9090:9090"}
 # Variables the services read besides the settings of CONTRACT.md section 6.
-OTHER_VARIABLES = {"CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "FLOWER_BASIC_AUTH",
-                   "SANDBOX_API_KEY"}
+OTHER_VARIABLES = {"CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_CONFIG_MODULE",
+                   "PYTHONPATH", "FLOWER_BASIC_AUTH", "SANDBOX_API_KEY"}
 INTERPOLATION = re.compile(r"\$\{(\w+)(?::?[?-][^}]*)?\}")
 
 
+@dataclass(frozen=True)
+class Stack:
+    """Compose files given together, and what the stack they make must be."""
+
+    files: tuple[Path, ...]
+    services: frozenset[str]
+    broker_url: str
+    result_backend: str
+
+
+STACKS = {
+    "compose": Stack((COMPOSE_FILE,), frozenset(SERVICES), "redis://redis:6379/0",
+                     "redis://redis:6379/1"),
+    "sentinel": Stack(
+        (COMPOSE_FILE, SENTINEL_FILE),
+        frozenset(SERVICES | {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}),
+        "sentinel://sentinel-1:26379;sentinel://sentinel-2:26379;sentinel://sentinel-3:26379/0",
+        "sentinel://sentinel-1:26379/1;sentinel://sentinel-2:26379/1;"
+        "sentinel://sentinel-3:26379/1",
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(STACKS))
+def stack(request: pytest.FixtureRequest) -> Stack:
+    return STACKS[request.param]
+
+
 @pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
-    return loaded
+def compose(stack: Stack) -> dict[str, Any]:
+    """Return the stack's merged model."""
+    return compose_files.stack(*stack.files)
+
+
+def project_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return the services that run the project's image, by name."""
+    return {name: s for name, s in compose["services"].items() if "build" in s}
 
 
 @pytest.fixture(scope="module")
 def app_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Return the services that run the project's image, by name."""
-    return {name: s for name, s in compose["services"].items() if name != "redis"}
+    return project_services(compose)
 
 
 def commands(compose: dict[str, Any]) -> Iterator[tuple[str, list[str]]]:
     """Yield (where, argv) for every command the project's image runs."""
-    for name, service in compose["services"].items():
-        if name == "redis":
-            continue
+    for name, service in project_services(compose).items():
         yield f"{name} command", service["command"]
         test = service["healthcheck"]["test"]
         if test[0] == "CMD":
@@ -75,10 +112,20 @@ def dockerfile_cmd() -> list[str]:
     return argv
 
 
-def test_the_compose_file_is_valid_against_the_compose_specification() -> None:
+@pytest.mark.parametrize(
+    "files", [(COMPOSE_FILE,), (SENTINEL_FILE,), (COMPOSE_FILE, SENTINEL_FILE)],
+    ids=["compose", "sentinel-file", "compose+sentinel"],
+)
+def test_the_compose_files_and_their_merge_are_valid_against_the_compose_specification(
+    files: tuple[Path, ...], tmp_path: Path
+) -> None:
+    checked = files[0]
+    if len(files) > 1:
+        checked = tmp_path / "merged.yml"
+        checked.write_text(yaml.safe_dump(compose_files.stack(*files)))
+
     result = subprocess.run(
-        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
-         str(COMPOSE_FILE)],
+        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(checked)],
         capture_output=True, text=True, timeout=60, check=False,
     )
 
@@ -99,13 +146,15 @@ def test_the_validator_rejects_what_the_specification_forbids(tmp_path: Path) ->
     assert "'port' was unexpected" in result.stdout
 
 
-def test_it_runs_the_six_services_each_with_a_health_check(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == SERVICES
+def test_it_runs_its_services_each_with_a_health_check(
+    stack: Stack, compose: dict[str, Any]
+) -> None:
+    assert set(compose["services"]) == stack.services
     for name, service in compose["services"].items():
         assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
 
 
-def test_only_flower_and_the_exporter_publish_a_port_and_only_on_127_0_0_1(
+def test_only_flower_the_exporter_and_prometheus_publish_a_port_and_only_on_127_0_0_1(
     compose: dict[str, Any]
 ) -> None:
     published = {
@@ -120,21 +169,29 @@ def test_only_flower_and_the_exporter_publish_a_port_and_only_on_127_0_0_1(
 def test_every_service_of_the_project_runs_the_one_image_built_from_the_dockerfile(
     app_services: dict[str, dict[str, Any]], compose: dict[str, Any]
 ) -> None:
+    assert set(app_services) == APP_SERVICES
     assert {(s["build"], s["image"]) for s in app_services.values()} == {
         (".", "payment-breaker:local")
     }
-    assert compose["services"]["redis"]["image"].startswith("redis:")
+    others = {name: s["image"] for name, s in compose["services"].items() if "build" not in s}
+    assert others.pop("prometheus").startswith("prom/prometheus:v2.")
+    redis_images = set(others.values())
+    assert len(redis_images) == 1
+    assert redis_images.pop().startswith("redis:")
 
 
 def test_services_take_their_settings_from_the_environment_and_secrets_from_the_host(
-    app_services: dict[str, dict[str, Any]]
+    stack: Stack, app_services: dict[str, dict[str, Any]]
 ) -> None:
     settings_names = {name.upper() for name in SETTING_NAMES}
     for name, service in app_services.items():
         unknown = set(service["environment"]) - settings_names - OTHER_VARIABLES
         assert not unknown, f"{name} sets variables nothing reads: {unknown}"
+    for name in APP_SERVICES - {"sandbox"}:
+        environment = app_services[name]["environment"]
+        assert environment["CELERY_BROKER_URL"] == stack.broker_url, name
+        assert environment["CELERY_RESULT_BACKEND"] == stack.result_backend, name
     worker = app_services["worker"]["environment"]
-    assert worker["CELERY_BROKER_URL"] == "redis://redis:6379/0"
     assert worker["PAYMENT_PROVIDER_URL"] == "http://sandbox:8099"
     # Secrets come from the host's environment, and compose refuses to start without them.
     assert INTERPOLATION.fullmatch(worker["PAYMENT_PROVIDER_API_KEY"])
@@ -145,15 +202,68 @@ def test_services_take_their_settings_from_the_environment_and_secrets_from_the_
     assert sandbox["SANDBOX_API_KEY"] == worker["PAYMENT_PROVIDER_API_KEY"]
 
 
+def service_environ(service: dict[str, Any]) -> dict[str, str]:
+    """Return a service's environment as the container sees it, with a stand-in for secrets."""
+    return {key: INTERPOLATION.sub("sk_test_compose", str(value))
+            for key, value in service["environment"].items()}
+
+
 def test_the_settings_the_services_pass_are_valid(app_services: dict[str, dict[str, Any]]) -> None:
     for name in ("worker", "beat", "flower", "exporter"):
-        environ = {
-            key: INTERPOLATION.sub("sk_test_compose", value)
-            for key, value in app_services[name]["environment"].items()
-        }
+        environ = service_environ(app_services[name])
         settings = read_settings({"broker_url": environ["CELERY_BROKER_URL"]}, environ)
-        assert settings.breaker_redis_url == "redis://redis:6379/0", name
         assert settings.payment_provider_api_key == "sk_test_compose", name
+        assert "BREAKER_REDIS_URL" not in environ, f"{name}: the breakers follow the broker"
+
+
+def test_the_breakers_follow_the_broker_to_the_compose_redis() -> None:
+    worker = compose_files.load(COMPOSE_FILE)["services"]["worker"]
+    environ = service_environ(worker)
+
+    settings = read_settings({"broker_url": environ["CELERY_BROKER_URL"]}, environ)
+
+    assert settings.breaker_redis_url == "redis://redis:6379/0"
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, tuple[Path, bool]]:
+    """Return a service's bind mounts: container path -> (repository path, read-only)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        if source.startswith("./"):
+            mounts[target] = (REPO_ROOT / source, mode == ["ro"])
+    return mounts
+
+
+def in_repository(service: dict[str, Any], container_path: str) -> Path:
+    """Return the repository file a service sees at container_path through a bind mount."""
+    for target, (source, read_only) in bind_mounts(service).items():
+        if container_path == target or container_path.startswith(target + "/"):
+            assert read_only, f"{target} is mounted writable"
+            return source / container_path.removeprefix(target).lstrip("/")
+    raise AssertionError(f"nothing is mounted at {container_path}")
+
+
+def test_prometheus_loads_the_rules_and_scrapes_the_exporter(compose: dict[str, Any]) -> None:
+    prometheus = compose["services"]["prometheus"]
+    flags = dict(word.removeprefix("--").split("=", 1) for word in prometheus["command"])
+
+    config_file = in_repository(prometheus, flags["config.file"])
+    assert config_file == PROMETHEUS_CONFIG
+    config = yaml.safe_load(config_file.read_text())
+    for rule_file in config["rule_files"]:
+        assert (config_file.parent / rule_file).is_file(), rule_file
+    [job] = config["scrape_configs"]
+    [targets] = [static["targets"] for static in job["static_configs"]]
+    exporter_argv = compose["services"]["exporter"]["command"]
+    exporter_port = exporter_argv[exporter_argv.index("--port") + 1]
+    assert targets == [f"exporter:{exporter_port}"]
+    assert "exporter" in prometheus["depends_on"]
+    data_volume = flags["storage.tsdb.path"]
+    assert [v for v in prometheus["volumes"] if v.endswith(f":{data_volume}")] == [
+        f"prometheus-data:{data_volume}"
+    ]
+    assert "prometheus-data" in compose["volumes"]
 
 
 def help_text(argv: list[str]) -> str:
