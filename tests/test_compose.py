@@ -211,7 +211,10 @@ def service_environ(service: dict[str, Any]) -> dict[str, str]:
 def test_the_settings_the_services_pass_are_valid(app_services: dict[str, dict[str, Any]]) -> None:
     for name in ("worker", "beat", "flower", "exporter"):
         environ = service_environ(app_services[name])
-        settings = read_settings({"broker_url": environ["CELERY_BROKER_URL"]}, environ)
+        # The Sentinel variant's config module names the master (deploy/sentinel).
+        conf = {"broker_url": environ["CELERY_BROKER_URL"],
+                "broker_transport_options": {"master_name": "payments"}}
+        settings = read_settings(conf, environ)
         assert settings.payment_provider_api_key == "sk_test_compose", name
         assert "BREAKER_REDIS_URL" not in environ, f"{name}: the breakers follow the broker"
 

@@ -181,14 +181,6 @@ def test_celery_kombu_and_the_breakers_read_db_0_for_the_broker_and_db_1_for_res
     assert SentinelBackend(app=app, url=last_part_only).connparams["db"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with a sentinel:// broker, workers/config.py defaults breaker_redis_url to "
-    "redis://127.0.0.1:6379/0 (it follows redis:// and rediss:// brokers only, and refuses a "
-    "sentinel:// breaker_redis_url), and workers/runtime.py builds its client with "
-    "redis.Redis.from_url, not breaker.connection; CONTRACT.md section 6 has the breakers "
-    "follow a Redis broker, Sentinel included: remove this mark when workers/ does",
-)
 def test_the_app_takes_the_master_name_from_the_config_module_and_the_urls_from_the_environment(
     merged: dict[str, Any]
 ) -> None:
@@ -203,7 +195,7 @@ def test_the_app_takes_the_master_name_from_the_config_module_and_the_urls_from_
     # Building the runtime connects to nothing: a Sentinel client asks on its first command.
     show = (
         "import json; from workers.celery import app; from workers.runtime import runtime\n"
-        "conf = {k: app.conf[k] for k in ('broker_url', 'result_backend', "
+        "conf = {k: getattr(app.conf, k) for k in ('broker_url', 'result_backend', "
         "'broker_transport_options', 'result_backend_transport_options', 'breaker_redis_url')}\n"
         "conf['pool'] = type(runtime(app).redis.connection_pool).__name__\n"
         "print(json.dumps(conf))"
