@@ -345,3 +345,9 @@ def test_the_environment_wins_over_a_config_module(tmp_path: Path) -> None:
     assert conf["breaker_timeout"] == 3.0
     assert conf["breaker_redis_url"] == "redis://10.1.1.1:6379/0"
     assert conf["payment_provider_url"] == "http://payments.internal:8099"
+
+
+def test_a_worker_holds_at_most_a_bounded_number_of_countdown_tasks() -> None:
+    assert create_app(broker_url="redis://10.0.0.5:6379/0").conf.worker_eta_task_limit == 1000
+    chosen = create_app(broker_url="redis://10.0.0.5:6379/0", worker_eta_task_limit=50)
+    assert chosen.conf.worker_eta_task_limit == 50

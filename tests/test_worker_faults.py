@@ -250,3 +250,24 @@ def test_a_charge_killed_at_the_provider_and_back_after_its_deadline_returns_tha
     # It came back as a first message without progress headers: the journal, not the
     # redelivery, started its deadline.
     assert f"Charge {order} past its deadline" in second_log
+
+
+def test_a_worker_stopped_warm_leaves_every_success_counted_in_the_store(
+    tmp_path: Path, redis_url: str, sandbox_server: SandboxServer, sandbox: SandboxControl
+) -> None:
+    env = worker_env(redis_url, redis_url, sandbox_server.url)
+    web = web_client(redis_url, redis_url)
+    orders = [f"ord_{uuid.uuid4().hex[:8]}_{i}" for i in range(5)]
+    try:
+        with WorkerProcess(env, tmp_path / "worker.log", PREFORK):
+            results(
+                [web.send_task("payments.charge", kwargs=charge_kwargs(o)) for o in orders], 30
+            )
+        # The worker is gone: what its processes batched was sent on the way out.
+        store = RedisStore.from_url(redis_url)
+        successes = CircuitBreaker("payments.card", store=store).snapshot()["successes"]
+        store.client.close()
+    finally:
+        web.close()
+
+    assert successes == len(orders)

@@ -16,9 +16,12 @@ from breaker.connection import safe_url
 from workers import redaction
 from workers.config import Settings, SettingsError, read_settings, redis_broker
 from workers.parking import Releaser
-from workers.runtime import forget, runtime
+from workers.runtime import flush_runtimes, forget, runtime
 
 PUBLISHER_QUEUE = "breaker"
+# Countdown tasks a worker holds at once unless worker_eta_task_limit says otherwise:
+# about 20 KB each (a held message, its request, its timer entry).
+ETA_TASK_LIMIT = 1000
 # The broker when neither CELERY_BROKER_URL nor a config module names one.
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
@@ -109,6 +112,11 @@ def configure(app: Celery) -> Settings:
         task_send_sent_event=True,
         task_track_started=True,
         broker_connection_retry_on_startup=True,
+        # Countdown tasks (backoff retries, busy orders) held by a worker at once: each also
+        # holds a prefetch slot, so beyond this many the rest wait in the queue, where the
+        # visibility timeout does not run. Charges refused by their breaker are parked,
+        # not held (workers.parking).
+        worker_eta_task_limit=app.conf.worker_eta_task_limit or ETA_TASK_LIMIT,
         beat_schedule={
             "breaker.publish_state": {
                 "task": "breaker.publish_state",
@@ -181,6 +189,13 @@ def conf(state: Any, with_defaults: bool = False, **kwargs: Any) -> Any:
         keyfilter=lambda key: isinstance(key, str) and not key.startswith("__"),
         unknown_type_filter=repr,
     )
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _flush_breaker_counts(**_: Any) -> None:
+    """Send the successes this process batched (at most a second's) before it exits."""
+    flush_runtimes()
 
 
 @signals.celeryd_after_setup.connect

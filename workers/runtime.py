@@ -33,7 +33,8 @@ class Runtime:
     pid: int
 
     def close(self) -> None:
-        """Release connections."""
+        """Send the batched breaker counts and release connections."""
+        self.store.flush()
         self.provider.close()
         self.redis.close()
 
@@ -88,6 +89,13 @@ def breaker_client(settings: Settings, **options: Any) -> Any:
         sentinel_kwargs=settings.breaker_redis_sentinel_kwargs or None,
         **{"socket_timeout": 2.0, "socket_connect_timeout": 1.0, **options},
     )
+
+
+def flush_runtimes() -> None:
+    """Send the breaker counts this process's runtimes batched, best effort."""
+    for current in list(_runtimes.values()):
+        if current.pid == os.getpid():
+            current.store.flush()
 
 
 def forget(app: Celery) -> None:
