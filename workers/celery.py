@@ -10,7 +10,7 @@ from typing import Any
 from celery import Celery, bootsteps, signals
 from celery.utils.serialization import jsonify, strtobool
 from celery.worker.control import inspect_command
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
 
 from breaker.connection import safe_url
 from workers import redaction
@@ -125,13 +125,27 @@ def configure(app: Celery) -> Settings:
             }
         },
     )
+    quorum = not redis_broker(broker_url) and app.conf.task_default_queue_type == "quorum"
+    if quorum:
+        # RabbitMQ quorum queues: countdown tasks then wait in the broker (Celery's native
+        # delayed delivery), not in the worker; publishes are confirmed.
+        transport_options.setdefault("confirm_publish", True)
     if not app.conf.task_queues:
         # The publisher has a queue of its own, so it is not stuck behind a backlog of
         # charges at the very moment the breaker state matters most.
+        arguments = {"x-queue-type": "quorum"} if quorum else None
+        # Native delayed delivery routes through topic exchanges; a direct one leaves the
+        # countdown to the worker, holding the message until it is due.
+        exchange = Exchange(app.conf.task_default_exchange or app.conf.task_default_queue,
+                            type="topic") if quorum else None
+        default = app.conf.task_default_queue
         app.conf.task_queues = [
-            Queue(app.conf.task_default_queue),
-            Queue(PUBLISHER_QUEUE, routing_key=PUBLISHER_QUEUE),
+            Queue(default, exchange, routing_key=default, queue_arguments=arguments),
+            Queue(PUBLISHER_QUEUE, exchange, routing_key=PUBLISHER_QUEUE,
+                  queue_arguments=arguments),
         ]
+        if quorum:
+            app.conf.task_default_exchange_type = "topic"
         app.conf.task_routes = {"breaker.publish_state": {"queue": PUBLISHER_QUEUE}}
     app.conf.setdefault("imports", [])
     if "workers.tasks" not in app.conf.imports:

@@ -1,0 +1,117 @@
+"""RabbitMQ as the broker at scale: quorum queues, countdown charges waiting in the broker.
+
+Runs against the RabbitMQ on 127.0.0.1:5672 when one answers, in a vhost of the test's own
+(made and deleted with rabbitmqctl); skips, saying why, where there is none.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from kombu import Connection
+
+from tests.test_prefork_outage import rabbitmq_answers
+from tests.waiting import wait_until
+from tests.worker_process import WorkerProcess, charge_kwargs, web_client
+from workers.sandbox import SandboxControl, SandboxServer
+
+pytestmark = pytest.mark.slow
+
+
+def rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+@pytest.fixture
+def rabbitmq_vhost() -> Iterator[str]:
+    """Return an amqp:// URL on a vhost of this test's own; delete the vhost afterwards."""
+    reason = rabbitmq_answers()
+    if reason:
+        pytest.skip(reason)
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("RabbitMQ answers but rabbitmqctl is not on PATH to make a vhost for the test")
+    vhost = f"pb-test-{uuid.uuid4().hex[:12]}"
+    made = rabbitmqctl("add_vhost", vhost)
+    if made.returncode != 0:
+        pytest.skip(f"rabbitmqctl add_vhost failed: {made.stderr.strip()[:200]}")
+    try:
+        allowed = rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        assert allowed.returncode == 0, allowed.stderr
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+def delayed(url: str) -> int:
+    """Return how many messages wait in the broker's native delayed-delivery queues."""
+    # A passive declare answers with the queue's own count; rabbitmqctl's lags up to 5 s.
+    with Connection(url, connect_timeout=2) as connection:
+        channel = connection.channel()
+        return sum(
+            channel.queue_declare(f"celery_delayed_{level}", passive=True).message_count
+            for level in range(28)
+        )
+
+
+def test_countdown_charges_wait_in_rabbitmq_quorum_queues_not_in_the_worker(
+    tmp_path: Path,
+    rabbitmq_vhost: str,
+    redis_url: str,
+    sandbox_server: SandboxServer,
+    sandbox: SandboxControl,
+) -> None:
+    (tmp_path / "shop_rabbit.py").write_text('task_default_queue_type = "quorum"\n')
+    env = {
+        "CELERY_CONFIG_MODULE": "shop_rabbit",
+        "PYTHONPATH": str(tmp_path),
+        "CELERY_BROKER_URL": rabbitmq_vhost,
+        "CELERY_RESULT_BACKEND": redis_url,
+        "BREAKER_REDIS_URL": redis_url,
+        "PAYMENT_PROVIDER_URL": sandbox_server.url,
+        "PAYMENT_PROVIDER_TIMEOUT": "1",
+        # The provider fails and the breaker stays closed: every charge retries after 5 to 10 s.
+        "BREAKER_FAILURE_THRESHOLD": "100000",
+        "PAYMENT_RETRY_BACKOFF": "10",
+        "PAYMENT_RETRY_BACKOFF_MAX": "10",
+        "PAYMENT_MAX_ATTEMPTS": "10",
+        "PAYMENT_CHARGE_DEADLINE": "120",
+    }
+    web: Celery = web_client(rabbitmq_vhost, redis_url)
+    # The web tier declares the queue as the workers do: quorum, on a topic exchange.
+    web.conf.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
+    orders = [f"ord_{uuid.uuid4().hex[:8]}_{i}" for i in range(200)]
+    sandbox.set_faults("down", status=503)
+    args = ["--pool", "prefork", "--concurrency", "2"]
+    try:
+        with WorkerProcess(env, tmp_path / "worker.log", args) as worker:
+            tasks = [web.send_task("payments.charge", kwargs=charge_kwargs(o)) for o in orders]
+            # The first retries wait 5 to 10 s: look while they certainly still do.
+            wait_until(
+                lambda: worker.log().count("failed: HTTP 503; retrying") >= 20, 30,
+                "charges to fail once and be rescheduled",
+            )
+            held = web.control.inspect(timeout=1).scheduled() or {}
+            waiting = delayed(rabbitmq_vhost)
+            wait_until(
+                lambda: worker.log().count("failed: HTTP 503; retrying") >= len(orders), 60,
+                "every charge to fail once and be rescheduled",
+            )
+            sandbox.set_faults("ok")
+            results = [t.get(timeout=60, interval=0.2) for t in tasks]
+    finally:
+        web.close()
+
+    # The worker holds none of the rescheduled charges: they wait in the broker's
+    # delayed-delivery queues until due.
+    assert held, "no worker answered inspect scheduled"
+    assert all(not scheduled for scheduled in held.values()), held
+    assert waiting >= 1
+    assert [r["status"] for r in results] == ["succeeded"] * len(orders)
+    assert sandbox.ledger()["charges_by_order"] == dict.fromkeys(orders, 1)
