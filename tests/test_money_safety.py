@@ -8,14 +8,15 @@ left without an outcome. Each test reproduces one of the faults of issue 7 end t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import redis
 
 from tests.embedded import CHARGE, DEFERRED, ORDER, RESULT_WAIT, RETRYING, Worker, ledger_total
-from tests.redis_server import free_port
+from tests.redis_server import RedisServer, free_port
+from tests.waiting import wait_until
 from workers.charging import Progress
 from workers.errors import ChargeExpired
 from workers.orders import CONFLICT_ORDERS_KEY, CONFLICTS_KEY, OrderBook
@@ -191,3 +192,82 @@ def test_near_the_deadline_an_unreachable_order_book_ends_the_charge_after_one_w
     assert deferral["why"].startswith("order book unavailable (ConnectionError")
     assert float(deferral["countdown"]) <= 2.01
     assert ledger_total(sandbox) == 0
+
+
+@pytest.fixture
+def store(spare_redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """Return an admin client of a breaker store and order book of the test's own."""
+    client = redis.Redis.from_url(spare_redis_server.url)
+    yield client
+    client.config_set("maxmemory", 0)
+    client.close()
+
+
+def test_a_store_at_maxmemory_during_the_call_still_stores_the_charge_and_returns_it(
+    start: Callable[..., Worker], sandbox: SandboxControl, store: redis.Redis,
+    spare_redis_server: RedisServer,
+) -> None:
+    worker = start(breaker_redis_url=spare_redis_server.url)
+    sandbox.set_faults("slow", delay=0.5)
+    task = worker.charge()
+    wait_until(lambda: store.hget(OrderBook.keys(ORDER)[0], "pending"), 10,
+               "the attempt to be journaled")
+    store.config_set("maxmemory-policy", "noeviction")
+    store.config_set("maxmemory", 1)
+
+    result = task.get(timeout=RESULT_WAIT)
+
+    assert result["status"] == "succeeded"
+    assert result["charge_id"] == sandbox.ledger()["charges"][0]["id"]
+    # The order book took the outcome over maxmemory.
+    assert OrderBook(store, 3600, 7).result(ORDER) == result
+    assert store.exists(OrderBook.keys(ORDER)[1]) == 0  # the lock freed
+    # The breaker's batched success waited for the store, and is counted once it answers.
+    store.config_set("maxmemory", 0)
+    runtime(worker.app).store.flush()
+    assert worker.breaker.snapshot()["successes"] == 1
+
+
+def test_a_store_refusing_the_worker_after_the_call_returns_the_charge_and_the_next_task_finds_it(
+    start: Callable[..., Worker], sandbox: SandboxControl, store: redis.Redis,
+    spare_redis_server: RedisServer,
+) -> None:
+    store.acl_setuser("worker", enabled=True, passwords=["+w0rker-pw"], keys=["*"],
+                      channels=["*"], commands=["+@all"])
+    url = f"redis://worker:w0rker-pw@127.0.0.1:{spare_redis_server.port}/0"
+    worker = start(breaker_redis_url=url)
+    sandbox.set_faults("slow", delay=0.5)
+    task = worker.charge()
+    wait_until(lambda: store.hget(OrderBook.keys(ORDER)[0], "pending"), 10,
+               "the attempt to be journaled")
+    # An operator's ACL change takes the worker's rights away while the provider charges.
+    store.acl_setuser("worker", enabled=True, passwords=["+w0rker-pw"], keys=["*"],
+                      commands=["-@all", "+ping", "+auth", "+hello"], reset=True)
+
+    result = task.get(timeout=RESULT_WAIT)
+    store.acl_setuser("worker", enabled=True, passwords=["+w0rker-pw"], keys=["*"],
+                      channels=["*"], commands=["+@all"], reset=True)
+    again = worker.charge(payment_token=OTHER_TOKEN).get(timeout=RESULT_WAIT)
+
+    assert result["status"] == "succeeded"
+    [made] = sandbox.ledger()["charges"]
+    assert result["charge_id"] == made["id"]
+    assert "the order book did not take the outcome succeeded" in worker.logs.text
+    # The next task for the order replays the attempt the journal still holds unsettled.
+    assert again["charge_id"] == made["id"]
+    assert sandbox.ledger()["charges_by_order"] == {ORDER: 1}
+
+
+def test_a_providers_retry_after_sets_how_long_the_circuit_stays_open(
+    start: Callable[..., Worker], sandbox: SandboxControl
+) -> None:
+    worker = start(breaker_failure_threshold=1, breaker_timeout=0.5)
+    sandbox.set_faults("down", status=503, retry_after=4)
+
+    worker.charge()
+    wait_until(lambda: worker.breaker.snapshot()["state"] == "open", 10, "the circuit to open")
+    snapshot = worker.breaker.snapshot()
+
+    assert snapshot["open_duration"] == 4.0
+    assert snapshot["open_cause"] == "retry_after"
+    assert 3.0 < snapshot["retry_after"] <= 4.0
