@@ -115,7 +115,7 @@ def test_status_json_prints_the_same_message_as_the_beat_publisher(
 
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
-    assert set(printed) == set(published) == {"published_at", "breakers"}
+    assert set(printed) == set(published) == {"summary", "published_at", "breakers"}
     assert isinstance(printed["published_at"], float)
 
     def stable(message: dict[str, Any]) -> list[dict[str, Any]]:

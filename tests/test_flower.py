@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import redis
 from celery import Celery
 
 from tests.redis_server import free_port
@@ -189,3 +190,44 @@ def test_flower_refuses_its_api_without_the_basic_auth_credentials(
     assert httpx.get(url, timeout=5).status_code == 401
     assert httpx.get(url, auth=(FLOWER_USER, "wrong"), timeout=5).status_code == 401
     assert flower_only.get("/api/tasks").status_code == 200
+
+
+def test_the_publisher_shows_in_flower_when_a_breaker_changes_not_at_every_run(
+    flower: httpx.Client, make_app: Callable[..., Celery], redis_url: str
+) -> None:
+    app = make_app(**SETTINGS)
+    shown = wait_until(
+        lambda: published(flower, "'breakers'"), 30, "a publisher result in Flower", interval=0.1
+    )
+    ran = redis.Redis.from_url(redis_url)
+
+    def publisher_rows() -> int:
+        response = flower.get("/api/tasks", params={"taskname": "breaker.publish_state"})
+        return len(response.json())
+
+    # Ten runs (0.5 s interval) with nothing new: the first row stays the only one.
+    subscriber = ran.pubsub()
+    subscriber.subscribe("breaker:state")
+    runs: list[dict[str, Any]] = []
+
+    def ten_runs() -> bool:
+        message = subscriber.get_message(timeout=0.5)
+        if message and message["type"] == "message":
+            runs.append(message)
+        return len(runs) >= 10
+
+    wait_until(ten_runs, 30, "ten publications on the channel")
+    assert publisher_rows() == 1
+    # A breaker opens: a row says so at once, its summary first.
+    runtime(app).registry.get("payments.card").force_open()
+    opened = wait_until(
+        lambda: published(flower, "payments.card OPEN since"), 10, "the opening in Flower",
+        interval=0.1,
+    )
+    subscriber.close()
+    ran.close()
+
+    assert opened["uuid"] != shown["uuid"]
+    assert opened["result"].startswith("{'summary': 'payments.card OPEN since ")
+    # One row per change since: the opening, and perhaps its half-opening and closing.
+    assert 2 <= publisher_rows() <= 4

@@ -109,7 +109,6 @@ def configure(app: Celery) -> Settings:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_send_task_events=True,
-        task_send_sent_event=True,
         task_track_started=True,
         broker_connection_retry_on_startup=True,
         # Countdown tasks (backoff retries, busy orders) held by a worker at once: each also

@@ -16,7 +16,7 @@ from celery.worker.request import Request
 from workers.charging import ChargeRun, Progress
 from workers.errors import ChargeRescheduled, InvalidCharge
 from workers.policy import PUBLISH_RETRY_WAITS
-from workers.publication import STORE_ERRORS, read_state
+from workers.publication import STORE_ERRORS, StoreUnavailable, read_state
 from workers.redaction import charge_reprs
 from workers.runtime import runtime
 from workers.validation import FIELDS, parse_charge
@@ -147,14 +147,59 @@ def charge(self: ChargeTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     ).run()
 
 
-@shared_task(bind=True, name="breaker.publish_state")
-def publish_state(self: Task) -> dict[str, Any]:
+# A publisher row reaches Flower when a breaker's state changes, and at least this often.
+FLOWER_EVERY_SECONDS = 60.0
+# The states the publisher last showed in Flower; expires after FLOWER_EVERY_SECONDS.
+SHOWN_KEY = "breaker:published:shown"
+
+
+class PublisherTask(Task):  # type: ignore[misc]
+    """The beat publisher: no task events of its own, so Flower lists the charges first.
+
+    It runs every breaker_publish_interval; one row every 5 s would fill Flower's task
+    list. It sends the events of a row itself when there is something new to show.
+    """
+
+    send_events = False
+
+
+@shared_task(bind=True, base=PublisherTask, name="breaker.publish_state")
+def publish_state(self: PublisherTask) -> dict[str, Any]:
     """Publish every known breaker's snapshot: Redis channel, Celery event and task result."""
     rt = runtime(self.app)
-    state = read_state(rt.registry)
+    began = time.monotonic()
+    try:
+        state = read_state(rt.registry)
+    except StoreUnavailable as exc:
+        _show_in_flower(self, rt.redis, "unavailable", began, error=exc)
+        raise
     rt.redis.publish(rt.settings.breaker_state_channel, json.dumps(state))
     self.send_event("breaker-state", **state)
+    seen = ",".join(f"{b['name']}={b['state']}" for b in state["breakers"])
+    _show_in_flower(self, rt.redis, seen, began, result=state)
     return state
+
+
+def _show_in_flower(
+    task: Task, client: Any, seen: str, began: float, *,
+    result: dict[str, Any] | None = None, error: BaseException | None = None,
+) -> None:
+    """Send the events of a Flower row for this run if the states changed or a minute passed."""
+    try:
+        if client.get(SHOWN_KEY) == seen.encode():
+            return
+        client.set(SHOWN_KEY, seen, ex=int(FLOWER_EVERY_SECONDS))
+    except STORE_ERRORS:
+        pass  # the store is the trouble being shown: show it
+    request = task.request
+    task.send_event("task-received", name=task.name, args="()", kwargs="{}", retries=0,
+                    root_id=request.root_id, parent_id=request.parent_id)
+    task.send_event("task-started")
+    if error is not None:
+        task.send_event("task-failed", exception=repr(error), traceback="")
+    else:
+        task.send_event("task-succeeded", result=repr(result),
+                        runtime=round(time.monotonic() - began, 6))
 
 
 def _arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
