@@ -35,7 +35,8 @@ SETTINGS = {
 OVERRIDES = {"payments.card": {"timeout": 20}}
 
 HEADER = [
-    "NAME", "STATE", "RETRY_AFTER", "FAILURE_COUNT", "SUCCESS_COUNT", "CALLS", "FAILURES",
+    "NAME", "STATE", "RETRY_AFTER", "OPEN_FOR", "CAUSE", "FAILURE_COUNT", "SUCCESS_COUNT",
+    "CALLS", "FAILURES",
     "REJECTED", "CLOSED_S", "OPEN_S", "HALF_OPEN_S",
 ]
 
@@ -96,6 +97,7 @@ def test_status_prints_a_row_per_breaker_with_state_counts_and_time_in_state(
     assert (card["STATE"], card["CALLS"], card["FAILURES"], card["REJECTED"]) == (
         "open", "4", "3", "0")
     assert 0 < float(card["RETRY_AFTER"].rstrip("s")) <= TIMEOUT
+    assert (card["OPEN_FOR"], card["CAUSE"]) == (f"{TIMEOUT:.1f}s", "failures")
     assert float(card["OPEN_S"]) >= 0
     assert (paypal["STATE"], paypal["RETRY_AFTER"], paypal["FAILURE_COUNT"]) == (
         "closed", "0.0s", "1")

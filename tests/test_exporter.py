@@ -97,8 +97,17 @@ def test_metrics_expose_every_family_with_its_prometheus_type(
         "breaker_retry_after_seconds": "gauge",
         "breaker_consecutive_failures": "gauge",
         "breaker_consecutive_successes": "gauge",
+        "breaker_open_duration_seconds": "gauge",
+        "breaker_openings": "counter",
+        "breaker_slow_calls": "counter",
+        "breaker_window_calls": "gauge",
+        "breaker_window_failure_rate": "gauge",
+        "breaker_window_slow_call_rate": "gauge",
     }
     assert value(samples, "breaker_store_up") == 1
+    assert value(samples, "breaker_open_duration_seconds", name="payments.card") == TIMEOUT
+    for cause in ("failures", "failure_rate", "slow_calls", "probe_failed", "retry_after"):
+        assert value(samples, "breaker_openings_total", name="payments.card", cause=cause) == 0
     for state in ("closed", "open", "half_open"):
         assert (("breaker_state_seconds_total", frozenset(
             {("name", "payments.card"), ("state", state)})) in samples)
@@ -349,3 +358,27 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(
     assert (tmp_path / "serve-0.log").read_text().splitlines() == [
         f"Error: cannot listen on 127.0.0.1:{redis_server.port}: [Errno 98] Address already in use"
     ]
+
+
+def test_metrics_show_the_failure_rate_window_and_the_cause_of_each_opening(
+    make_app: Callable[..., Celery],
+) -> None:
+    # Every process of a deployment reads the same settings, the exporter's included.
+    overrides = {"payments.card": {"failure_rate_threshold": 0.5, "minimum_calls": 4,
+                                   "failure_threshold": 100}}
+
+    def registry() -> BreakerRegistry:
+        return runtime(make_app(breaker_timeout=TIMEOUT, breaker_overrides=overrides)).registry
+
+    breakers = registry()
+    run_calls(breakers.get("payments.card"), successes=2, failures=1)
+    breakers.store.flush()
+    with ExporterServer(registry(), "127.0.0.1", 0) as server:
+        _, samples = scrape(server.url)
+        assert value(samples, "breaker_window_calls", name="payments.card") == 3
+        assert value(samples, "breaker_window_failure_rate", name="payments.card") == 0.3333
+        run_calls(breakers.get("payments.card"), failures=1)  # 2 of 4: the rate opens it
+        _, samples = scrape(server.url)
+    assert value(samples, "breaker_openings_total", name="payments.card",
+                 cause="failure_rate") == 1
+    assert value(samples, "breaker_state", name="payments.card", state="open") == 1

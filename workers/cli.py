@@ -26,7 +26,8 @@ from workers.runtime import Runtime, runtime
 EX_UNAVAILABLE = 69
 
 COLUMNS = (
-    ("NAME", "<"), ("STATE", "<"), ("RETRY_AFTER", ">"), ("FAILURE_COUNT", ">"),
+    ("NAME", "<"), ("STATE", "<"), ("RETRY_AFTER", ">"), ("OPEN_FOR", ">"), ("CAUSE", "<"),
+    ("FAILURE_COUNT", ">"),
     ("SUCCESS_COUNT", ">"), ("CALLS", ">"), ("FAILURES", ">"), ("REJECTED", ">"),
     ("CLOSED_S", ">"), ("OPEN_S", ">"), ("HALF_OPEN_S", ">"),
 )
@@ -127,7 +128,9 @@ def format_table(breakers: list[dict[str, Any]]) -> str:
     """Return the breakers as an aligned text table, one row each."""
     rows = [
         [
-            b["name"], b["state"], f"{b['retry_after']:.1f}s", str(b["failure_count"]),
+            b["name"], b["state"], f"{b['retry_after']:.1f}s",
+            f"{b.get('open_duration') or 0:.1f}s", b.get("open_cause") or "-",
+            str(b["failure_count"]),
             str(b["success_count"]), str(b["calls"]), str(b["failures"]), str(b["rejected"]),
             *(f"{b['seconds_in_state'].get(s, 0.0):.1f}" for s in ("closed", "open", "half_open")),
         ]

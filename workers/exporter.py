@@ -46,6 +46,10 @@ TRANSITIONS = (
 )
 
 
+# Every cause an opening can have, reported from zero like the transitions.
+OPEN_CAUSES = ("failures", "failure_rate", "slow_calls", "probe_failed", "retry_after", "forced")
+
+
 def health(registry: BreakerRegistry) -> tuple[int, dict[str, Any]]:
     """Return the HTTP status and body of GET /health."""
     try:
@@ -134,8 +138,39 @@ def families(breakers: list[dict[str, Any]]) -> list[Metric]:
         "breaker_consecutive_successes", "Consecutive successes counted in HALF_OPEN",
         labels=["name"],
     )
+    open_duration = GaugeMetricFamily(
+        "breaker_open_duration_seconds",
+        "How long the current (or last) opening lasts: the timeout, grown by backoff or the "
+        "dependency's Retry-After",
+        labels=["name"],
+    )
+    openings = CounterMetricFamily(
+        "breaker_openings", "Openings of the circuit, by cause", labels=["name", "cause"]
+    )
+    slow = CounterMetricFamily(
+        "breaker_slow_calls", "Calls slower than slow_call_seconds", labels=["name"]
+    )
+    window_calls = GaugeMetricFamily(
+        "breaker_window_calls", "Outcomes in the failure-rate window now", labels=["name"]
+    )
+    window_failure_rate = GaugeMetricFamily(
+        "breaker_window_failure_rate", "Share of failures in the window now", labels=["name"]
+    )
+    window_slow_rate = GaugeMetricFamily(
+        "breaker_window_slow_call_rate", "Share of slow calls in the window now", labels=["name"]
+    )
     for b in breakers:
         name = b["name"]
+        open_duration.add_metric([name], float(b.get("open_duration") or 0.0))
+        seen_causes = b.get("openings") or {}
+        for cause in dict.fromkeys([*OPEN_CAUSES, *seen_causes]):
+            openings.add_metric([name, cause], seen_causes.get(cause, 0))
+        slow.add_metric([name], b.get("slow_calls", 0))
+        window = b.get("window")
+        if window:
+            window_calls.add_metric([name], window["calls"])
+            window_failure_rate.add_metric([name], window["failure_rate"] or 0.0)
+            window_slow_rate.add_metric([name], window["slow_call_rate"] or 0.0)
         for s in STATES:
             state.add_metric([name, s.value], 1.0 if b["state"] == s.value else 0.0)
             seconds.add_metric([name, s.value], float(b["seconds_in_state"].get(s.value, 0.0)))
@@ -148,7 +183,8 @@ def families(breakers: list[dict[str, Any]]) -> list[Metric]:
         retry_after.add_metric([name], b["retry_after"])
         failures.add_metric([name], b["failure_count"])
         successes.add_metric([name], b["success_count"])
-    return [state, calls, rejected, transitions, seconds, retry_after, failures, successes]
+    return [state, calls, rejected, transitions, seconds, retry_after, failures, successes,
+            open_duration, openings, slow, window_calls, window_failure_rate, window_slow_rate]
 
 
 class _Handler(BaseHTTPRequestHandler):
