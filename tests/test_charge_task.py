@@ -91,6 +91,8 @@ def test_an_open_circuit_defers_the_charge_by_its_retry_after_without_calling_th
     parking = runtime(worker.app).parking
     # Parked in the breaker store, not held by the worker: nothing is left on the broker.
     assert parking.count("payments.card") == 1
+    wait_until(lambda: task.state == "RETRY", RESULT_WAIT, "the task to be in RETRY")
+    assert "deferral 1 (circuit payments.card open): not an attempt" in str(task.info)
 
     countdown = float(deferral["countdown"])
     jitter = max(0.05, 0.1 * timeout)

@@ -85,12 +85,18 @@ class ChargeTask(Task):  # type: ignore[misc]
                 self.request.id, type(exc).__name__, countdown,
             )
             self.reschedule(countdown, headers, reason)
-        # What Flower shows of a retry, in the words of Celery's own: the charge waits, its
-        # message is done.
+        # As a Celery retry would: RETRY in the result backend, for AsyncResult.state, and
+        # what Flower shows of a retry. The charge waits; its message is done.
+        reschedule = ChargeRescheduled(reason)
+        try:
+            self.backend.mark_as_retry(self.request.id, reschedule, request=self.request)
+        except Exception as exc:  # a backend that cannot take it costs the charge nothing
+            log.warning("Charge task %s: RETRY state not stored (%s)", self.request.id,
+                        type(exc).__name__)
         due = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=countdown)
         self.send_event(
             "task-retried",
-            exception=f"Retry in {countdown:g}s: {ChargeRescheduled(reason)!r}",
+            exception=f"Retry in {countdown:g}s: {reschedule!r}",
             traceback="", eta=due.isoformat(),
         )
         raise Ignore() from None

@@ -230,7 +230,7 @@ def plot_timeline(record: SaleRecord, path: Path) -> Path:
     ax_deferred.fill_between(times, deferred, step="post", color=DEFERRED_COLOR, alpha=0.35,
                              linewidth=0)
     ax_deferred.step(times, deferred, where="post", color=DEFERRED_COLOR, linewidth=1.5,
-                     label="deferred: waiting on a\ncountdown (breaker open\nor backing off)")
+                     label="deferred: parked until\nthe breaker lets them\nthrough, or backing off")
     ax_deferred.step(times, [n for _, _, n in record.backlog], where="post", color="#666666",
                      linewidth=1.2, linestyle="--", label="queued or running")
     ax_deferred.set_ylabel("charges\nwaiting")

@@ -22,7 +22,7 @@ class Tally:
     charged: int = 0
     declined: int = 0
     failed: int = 0
-    deferred: int = 0  # RETRY: waiting on a countdown, refused by the breaker or backing off
+    deferred: int = 0  # RETRY: parked until the breaker lets it through, or backing off
     running: int = 0
     queued: int = 0
     to_come: int = 0  # orders of the sale not sent yet
