@@ -8,10 +8,7 @@ awaited. One store belongs to one event loop, as its client does.
 from __future__ import annotations
 
 import asyncio
-import os
-import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,13 +17,12 @@ import redis.asyncio
 from redis.commands.core import AsyncScript
 
 from breaker.connection import async_client_from_url
-from breaker.memory import MemoryStore
 from breaker.redis_core import (
     SCRIPTS,
     STORE_ERRORS,
     SUCCESS,
     RedisCircuitCore,
-    StoreHealth,
+    StoreBase,
     is_script_bug,
 )
 from breaker.state import BreakerConfig, Outcome
@@ -35,7 +31,7 @@ from breaker.store import StateView, Ticket, TransitionHook
 AsyncClient = redis.asyncio.Redis | redis.asyncio.RedisCluster
 
 
-class AsyncRedisStore:
+class AsyncRedisStore(StoreBase):
     """Keep circuits in Redis for asyncio code; shares circuits with RedisStore processes.
 
     The same options and the same guarantees as RedisStore: a healthy call and a refused
@@ -44,7 +40,6 @@ class AsyncRedisStore:
     successes it batched in its last second.
     """
 
-    kind = "redis"
     asynchronous = True
 
     def __init__(
@@ -61,30 +56,11 @@ class AsyncRedisStore:
                 f"client must be a redis.asyncio client (Redis or RedisCluster), "
                 f"got {type(client).__name__}"
             )
-        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
-            raise ValueError(f"prefix must be a non-empty string without braces, got {prefix!r}")
-        for field, value in (
-            ("key_ttl_seconds", key_ttl_seconds),
-            ("staleness_seconds", staleness_seconds),
-            ("reconnect_interval", reconnect_interval),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"{field} must be a number of seconds >= 0, got {value!r}")
-        if key_ttl_seconds < 1:
-            raise ValueError(f"key_ttl_seconds must be at least 1 second, got {key_ttl_seconds!r}")
+        self._configure(prefix, key_ttl_seconds, staleness_seconds, reconnect_interval)
         self.client = client
-        self.prefix = prefix
-        self.index_key = f"{prefix}:index"
-        self.ttl_ms = int(key_ttl_seconds * 1000)
-        self.staleness = float(staleness_seconds)
-        self.health = StoreHealth(float(reconnect_interval))
         self.scripts: dict[str, AsyncScript] = {
             op: client.register_script(source) for op, source in SCRIPTS.items()
         }
-        self.fallback = MemoryStore()
-        self._lease_prefix = f"{os.getpid()}:{uuid.uuid4().hex[:8]}:"
-        self._lease_seq = 0
-        self._lease_lock = threading.Lock()
         self._scheduled: dict[AsyncRedisCircuit, asyncio.TimerHandle] = {}
         self._flushing: set[asyncio.Task[None]] = set()
 
@@ -98,24 +74,11 @@ class AsyncRedisStore:
         **kwargs: Any,
     ) -> AsyncRedisStore:
         """Return a store on what url names (breaker.connection), with short socket timeouts."""
-        client_options = {
-            key: kwargs.pop(key)
-            for key in ("socket_timeout", "socket_connect_timeout", "health_check_interval")
-            if key in kwargs
-        }
+        client_options = cls.client_options(kwargs)
         client = async_client_from_url(
             url, master_name=master_name, sentinel_kwargs=sentinel_kwargs, **client_options
         )
         return cls(client, **kwargs)
-
-    def keys(self, name: str) -> list[str]:
-        """Return the circuit hash and probe lease keys of name, in one cluster hash slot."""
-        base = f"{self.prefix}:{{{name}}}"
-        return [base, f"{base}:probes"]
-
-    def window_key(self, name: str) -> str:
-        """Return the key of name's outcome window (the rate rules), in the same slot."""
-        return f"{self.prefix}:{{{name}}}:window"
 
     def bind(
         self,
@@ -144,17 +107,6 @@ class AsyncRedisStore:
             await circuit.flush()
         if self._flushing:
             await asyncio.gather(*self._flushing, return_exceptions=True)
-
-    def next_lease(self) -> str:
-        """Return a probe lease id unique across processes."""
-        with self._lease_lock:
-            self._lease_seq += 1
-            return f"{self._lease_prefix}{self._lease_seq}"
-
-    @property
-    def degraded(self) -> bool:
-        """Return True while Redis cannot be used and circuits run on the fallback."""
-        return self.health.degraded
 
     async def run(
         self, op: str, command: Callable[[], Awaitable[Any]], fallback: Callable[[], Any]

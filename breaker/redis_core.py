@@ -8,15 +8,18 @@ about when to send one, what it carries and what its reply means is made here.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
 import redis
 
+from breaker.memory import MemoryStore
 from breaker.state import BreakerConfig, CircuitBreakerOpenError, CircuitState, Outcome
 from breaker.store import (
     OPEN_CAUSES,
@@ -142,6 +145,70 @@ class StoreHealth:
             "fallback. This is a bug in the breaker, not store trouble.",
             op, type(exc).__name__, exc, exc_info=exc, extra={"breaker_script_error": True},
         )
+
+
+# The client options RedisStore.from_url and AsyncRedisStore.from_url pass to the client.
+CLIENT_OPTIONS = ("socket_timeout", "socket_connect_timeout", "health_check_interval")
+
+
+class StoreBase:
+    """What RedisStore and AsyncRedisStore share: settings, key layout, health, lease ids."""
+
+    kind = "redis"
+
+    def _configure(
+        self,
+        prefix: str,
+        key_ttl_seconds: float,
+        staleness_seconds: float,
+        reconnect_interval: float,
+    ) -> None:
+        """Check and keep the store's settings; raise ValueError naming a bad one."""
+        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix must be a non-empty string without braces, got {prefix!r}")
+        for field, value in (
+            ("key_ttl_seconds", key_ttl_seconds),
+            ("staleness_seconds", staleness_seconds),
+            ("reconnect_interval", reconnect_interval),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{field} must be a number of seconds >= 0, got {value!r}")
+        if key_ttl_seconds < 1:
+            raise ValueError(f"key_ttl_seconds must be at least 1 second, got {key_ttl_seconds!r}")
+        self.prefix = prefix
+        self.index_key = f"{prefix}:index"
+        self.ttl_ms = int(key_ttl_seconds * 1000)
+        self.staleness = float(staleness_seconds)
+        self.health = StoreHealth(float(reconnect_interval))
+        self.fallback = MemoryStore()
+        self._lease_prefix = f"{os.getpid()}:{uuid.uuid4().hex[:8]}:"
+        self._lease_seq = 0
+        self._lease_lock = threading.Lock()
+
+    @staticmethod
+    def client_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Take the client's own options out of from_url's keyword arguments."""
+        return {key: kwargs.pop(key) for key in CLIENT_OPTIONS if key in kwargs}
+
+    def keys(self, name: str) -> list[str]:
+        """Return the circuit hash and probe lease keys of name, in one cluster hash slot."""
+        base = f"{self.prefix}:{{{name}}}"
+        return [base, f"{base}:probes"]
+
+    def window_key(self, name: str) -> str:
+        """Return the key of name's outcome window (the rate rules), in the same slot."""
+        return f"{self.prefix}:{{{name}}}:window"
+
+    def next_lease(self) -> str:
+        """Return a probe lease id unique across processes."""
+        with self._lease_lock:
+            self._lease_seq += 1
+            return f"{self._lease_prefix}{self._lease_seq}"
+
+    @property
+    def degraded(self) -> bool:
+        """Return True while Redis cannot be used and circuits run on the fallback."""
+        return self.health.degraded
 
 
 class RedisCircuitCore:

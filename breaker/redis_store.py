@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -21,20 +20,19 @@ from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
 from breaker.connection import client_from_url
-from breaker.memory import MemoryStore
 from breaker.redis_core import (
     SCRIPTS,
     STORE_ERRORS,
     SUCCESS,
     RedisCircuitCore,
-    StoreHealth,
+    StoreBase,
     is_script_bug,
 )
 from breaker.state import BreakerConfig, Outcome
 from breaker.store import StateView, Ticket, TransitionHook
 
 
-class RedisStore:
+class RedisStore(StoreBase):
     """Keep circuits in Redis so that every process shares them.
 
     A process acts on what the server told it for at most ``staleness_seconds``: a closed
@@ -44,8 +42,6 @@ class RedisStore:
     be used (unreachable, or refusing: out of memory, no permission, busy...), circuits
     carry on in a per-process fallback and go back to Redis once it answers again.
     """
-
-    kind = "redis"
 
     def __init__(
         self,
@@ -62,30 +58,11 @@ class RedisStore:
                 "client must be a redis.Redis (a Sentinel master client is one) or a "
                 f"redis.cluster.RedisCluster, got {type(client).__name__}"
             )
-        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
-            raise ValueError(f"prefix must be a non-empty string without braces, got {prefix!r}")
-        for field, value in (
-            ("key_ttl_seconds", key_ttl_seconds),
-            ("staleness_seconds", staleness_seconds),
-            ("reconnect_interval", reconnect_interval),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"{field} must be a number of seconds >= 0, got {value!r}")
-        if key_ttl_seconds < 1:
-            raise ValueError(f"key_ttl_seconds must be at least 1 second, got {key_ttl_seconds!r}")
+        self._configure(prefix, key_ttl_seconds, staleness_seconds, reconnect_interval)
         self.client = client
-        self.prefix = prefix
-        self.index_key = f"{prefix}:index"
-        self.ttl_ms = int(key_ttl_seconds * 1000)
-        self.staleness = float(staleness_seconds)
-        self.health = StoreHealth(float(reconnect_interval))
         self.scripts: dict[str, Script] = {
             op: client.register_script(source) for op, source in SCRIPTS.items()
         }
-        self.fallback = MemoryStore()
-        self._lease_prefix = f"{os.getpid()}:{uuid.uuid4().hex[:8]}:"
-        self._lease_seq = 0
-        self._lease_lock = threading.Lock()
         self._flusher = _Flusher()
         _LIVE_STORES.add(self)
 
@@ -99,24 +76,11 @@ class RedisStore:
         **kwargs: Any,
     ) -> RedisStore:
         """Return a store on what url names (breaker.connection), with short socket timeouts."""
-        client_options = {
-            key: kwargs.pop(key)
-            for key in ("socket_timeout", "socket_connect_timeout", "health_check_interval")
-            if key in kwargs
-        }
+        client_options = cls.client_options(kwargs)
         client = client_from_url(
             url, master_name=master_name, sentinel_kwargs=sentinel_kwargs, **client_options
         )
         return cls(client, **kwargs)
-
-    def keys(self, name: str) -> list[str]:
-        """Return the circuit hash and probe lease keys of name, in one cluster hash slot."""
-        base = f"{self.prefix}:{{{name}}}"
-        return [base, f"{base}:probes"]
-
-    def window_key(self, name: str) -> str:
-        """Return the key of name's outcome window (the rate rules), in the same slot."""
-        return f"{self.prefix}:{{{name}}}:window"
 
     def bind(
         self,
@@ -148,17 +112,6 @@ class RedisStore:
     def flush(self) -> None:
         """Send every count this process has batched, now (before exit, for instance)."""
         self._flusher.flush_all()
-
-    def next_lease(self) -> str:
-        """Return a probe lease id unique across processes."""
-        with self._lease_lock:
-            self._lease_seq += 1
-            return f"{self._lease_prefix}{self._lease_seq}"
-
-    @property
-    def degraded(self) -> bool:
-        """Return True while Redis cannot be used and circuits run on the fallback."""
-        return self.health.degraded
 
     @property
     def reconnect_interval(self) -> float:

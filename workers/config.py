@@ -181,14 +181,14 @@ def _redis_url(name: str, value: Any) -> str:
     return value.strip()
 
 
-def _mapping(name: str, value: Any) -> dict[str, Any]:
+def _mapping(name: str, value: Any, what: str = "be a mapping of options") -> dict[str, Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError as exc:
             raise SettingsError(f"{name} must be a JSON object: {exc}") from None
     if not isinstance(value, Mapping):
-        raise SettingsError(f"{name} must be a mapping of options, got a {type(value).__name__}")
+        raise SettingsError(f"{name} must {what}, got {value!r}")
     return dict(value)
 
 
@@ -225,13 +225,7 @@ def _text(name: str, value: Any, allow_empty: bool = False) -> str:
 
 
 def _overrides(name: str, value: Any) -> dict[str, dict[str, Any]]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise SettingsError(f"{name} must be a JSON object: {exc}") from None
-    if not isinstance(value, Mapping):
-        raise SettingsError(f"{name} must map breaker names to settings, got {value!r}")
+    value = _mapping(name, value, "map breaker names to settings")
     try:
         validate_overrides(value, BreakerConfig())
     except ValueError as exc:
