@@ -15,9 +15,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn, Protocol
 
-import redis
-
 from breaker import CircuitBreaker, CircuitBreakerOpenError, Permit
+from breaker.redis_core import STORE_ERRORS
 from workers.errors import ChargeExpired, ChargeFailed, ChargeRejected
 from workers.orders import Begin, PendingAttempt, Settled
 from workers.policy import (
@@ -158,7 +157,7 @@ class ChargeRun:
                 self.charge.order_id, self.holder, self.task_id, self.charge.idempotency_key,
                 time.time(),
             )
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             if permit is not None:
                 permit.release()
             self._defer(STORE_RETRY_SECONDS, f"order book unavailable ({_kind(exc)})")
@@ -278,7 +277,7 @@ class ChargeRun:
                 self.charge.order_id, self.holder, self.fence, key, request, self.task_id,
                 time.time(),
             )
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             permit.release()
             self._release()
             self._defer(STORE_RETRY_SECONDS, f"order book unavailable ({_kind(exc)})")
@@ -310,7 +309,7 @@ class ChargeRun:
                     self.charge.order_id, self.holder, self.fence, key, outcome, time.time(),
                     charge_id=charge_id, result=result, release=release,
                 )
-            except redis.RedisError as exc:
+            except STORE_ERRORS as exc:
                 if wait is None:
                     # The attempt stays unsettled in the journal: the next task for this
                     # order replays its key and records what the provider says then.
@@ -396,7 +395,7 @@ class ChargeRun:
         )
         try:
             self.orders.count_conflict(self.charge.order_id, time.time())
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             log.error(
                 "Charge %s: the second charge could not be counted (%s); it is in the order "
                 "book", self.charge.order_id, _kind(exc),
@@ -443,7 +442,7 @@ class ChargeRun:
                 self.charge.order_id, self.holder, self.task_id, self.charge.idempotency_key,
                 time.time(),
             )
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise ChargeExpired(
                 f"order {self.charge.order_id}: not charged within "
                 f"{self.settings.payment_charge_deadline:g}s, and the order book could not be "
@@ -572,7 +571,7 @@ class ChargeRun:
         """Record (or read back) when this task was first received; the deadline starts there."""
         try:
             first = self.orders.received(self.charge.order_id, self.task_id, time.time())
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             log.warning(
                 "Charge %s: first receipt not journaled (%s); its deadline counts from now",
                 self.charge.order_id, _kind(exc),
@@ -596,7 +595,7 @@ class ChargeRun:
         fence, self.fence = self.fence, 0
         try:
             self.orders.release(self.charge.order_id, self.holder, fence)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             # The lock runs out by itself; a later run of this message takes it back.
             log.warning(
                 "Charge %s: order lock not freed (%s); it expires in at most %gs",
