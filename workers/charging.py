@@ -291,7 +291,6 @@ class ChargeRun:
             }[journaled.kind]
             self._defer(STALE_RETRY_SECONDS, why)
         self._count_calls(journaled.calls)
-        self.progress = replace(self.progress, attempts=journaled.calls)
 
     def _record(
         self,
