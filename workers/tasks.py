@@ -94,11 +94,15 @@ class ChargeTask(Task):  # type: ignore[misc]
             log.warning("Charge task %s: RETRY state not stored (%s)", self.request.id,
                         type(exc).__name__)
         due = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=countdown)
-        self.send_event(
-            "task-retried",
-            exception=f"Retry in {countdown:g}s: {reschedule!r}",
-            traceback="", eta=due.isoformat(),
-        )
+        try:
+            self.send_event(
+                "task-retried",
+                exception=f"Retry in {countdown:g}s: {reschedule!r}",
+                traceback="", eta=due.isoformat(), retry=False,
+            )
+        except Exception as exc:  # the charge is parked: a monitor missing it is no failure
+            log.warning("Charge task %s: retry event not sent (%s)", self.request.id,
+                        type(exc).__name__)
         raise Ignore() from None
 
     def _next_message(self, headers: dict[str, Any], countdown: float | None = None) -> Signature:
