@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -20,6 +22,7 @@ from workers.provider import (
     ProviderFailure,
     ProviderRejection,
     load_provider,
+    retry_after,
 )
 from workers.sandbox import SandboxControl, SandboxServer
 from workers.validation import ChargeRequest, parse_charge
@@ -325,3 +328,61 @@ def test_the_provider_class_comes_from_the_settings() -> None:
         provider.close()
     with pytest.raises(ValueError, match="payment_provider_class"):
         load_provider(Settings(payment_provider_class="workers.provider:NoSuchProvider"))
+
+
+def test_an_answer_trickled_one_byte_at_a_time_ends_at_the_calls_total_deadline(
+    connect: Callable[..., HttpProvider], sandbox_server: SandboxServer, sandbox: SandboxControl
+) -> None:
+    provider = connect(sandbox_server.url, timeout=0.5)
+    # About 300 bytes at 50 ms each: 15 s for the whole answer, every read well in time.
+    sandbox.set_faults("trickle", delay=0.05)
+    began = time.monotonic()
+
+    with pytest.raises(ProviderFailure) as failed:
+        provider.charge(request(), "idem_trickle")
+
+    took = time.monotonic() - began
+    assert failed.value.may_have_reached
+    assert "no answer in time" in failed.value.reason
+    # Cut off at the deadline, not after the answer's 15 s (a bound of behaviour, not speed).
+    assert took < 5
+    assert sandbox.ledger()["charges_by_order"] == {"ord_1001": 1}
+
+
+def test_a_connection_closed_without_an_answer_may_have_charged(
+    provider: HttpProvider, sandbox: SandboxControl
+) -> None:
+    sandbox.set_faults("hang_up")
+
+    with pytest.raises(ProviderFailure) as failed:
+        provider.charge(request(), "idem_hang_up")
+
+    assert failed.value.may_have_reached
+    assert sandbox.ledger()["charges_by_order"] == {"ord_1001": 1}
+
+
+@pytest.mark.parametrize(("status", "reached"), [(503, True), (429, False)])
+def test_a_failure_carries_the_providers_retry_after(
+    provider: HttpProvider, sandbox: SandboxControl, status: int, reached: bool
+) -> None:
+    sandbox.set_faults("down", status=status, retry_after=42)
+
+    with pytest.raises(ProviderFailure) as failed:
+        provider.charge(request(), "idem_later")
+
+    assert failed.value.retry_after == 42.0
+    assert failed.value.may_have_reached is reached
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("120", 120.0), ("Wed, 02 Dec 2026 10:00:30 GMT", 30.0),
+     ("Wed, 02 Dec 2026 09:59:00 GMT", 0.0), ("soon", None), ("", None), (None, None),
+     ("-5", None), ("Wed, 02 Dec 2026 10:00:30", None)],
+)
+def test_retry_after_is_read_as_seconds_or_an_http_date(
+    header: str | None, seconds: float | None
+) -> None:
+    now = datetime(2026, 12, 2, 10, 0, 0, tzinfo=UTC).timestamp()
+
+    assert retry_after(header, now=now) == seconds

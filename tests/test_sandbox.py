@@ -470,3 +470,48 @@ def test_cli_refuses_a_bad_port_naming_the_option(port: str) -> None:
 
     assert result.returncode != 0
     assert "--port" in result.stderr
+
+
+def test_hang_up_charges_then_closes_the_connection_without_a_word(
+    client: httpx.Client, sandbox: SandboxControl
+) -> None:
+    sandbox.set_faults("hang_up")
+
+    with pytest.raises(httpx.RemoteProtocolError):
+        post_charge(client, charge_body(), key="idem_hang")
+
+    ledger = sandbox.ledger()
+    assert ledger["charges_by_order"] == {"ord_1": 1}
+    assert ledger["requests"]["by_status"] == {"0": 1}  # no answer at all
+
+
+def test_trickle_charges_then_sends_the_whole_answer_one_byte_at_a_time(
+    sandbox_server: SandboxServer, sandbox: SandboxControl
+) -> None:
+    sandbox.set_faults("trickle", delay=0.001)
+    reads: list[int] = []
+    with httpx.Client(base_url=sandbox_server.url, timeout=10) as client, client.stream(
+        "POST", "/v1/charges", json=charge_body(), headers={"Idempotency-Key": "idem_t"}
+    ) as response:
+        raw = b""
+        for chunk in response.iter_raw():
+            reads.append(len(chunk))
+            raw += chunk
+
+    assert response.status_code == 200
+    assert len(reads) > 10  # the body arrived in many small reads
+    assert json.loads(raw)["status"] == "succeeded"
+    assert sandbox.ledger()["charges_by_order"] == {"ord_1": 1}
+
+
+def test_down_sends_the_retry_after_it_is_given(
+    client: httpx.Client, sandbox: SandboxControl
+) -> None:
+    sandbox.set_faults("down", status=429, retry_after=7.2)
+
+    response = post_charge(client, charge_body())
+
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "8"  # whole seconds, rounded up
+    with pytest.raises(ValueError, match="retry_after"):
+        sandbox.set_faults("down", retry_after=-1)
