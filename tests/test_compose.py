@@ -40,8 +40,7 @@ BIN = Path(sys.executable).parent
 # CONTRACT.md section 7's services, and Prometheus.
 SERVICES = {"redis", "worker", "beat", "flower", "sandbox", "exporter", "prometheus"}
 APP_SERVICES = {"worker", "beat", "flower", "sandbox", "exporter"}
-PUBLISHED = {"flower": "127.0.0.1:5555:5555", "exporter": "127.0.0.1:9808:9808",
-             "prometheus": "127.0.0.1:9090:9090"}
+PUBLISHED = {"flower": "127.0.0.1:5555:5555", "exporter": "127.0.0.1:9808:9808"}
 # Variables the services read besides the settings of CONTRACT.md section 6.
 OTHER_VARIABLES = {"CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_CONFIG_MODULE",
                    "PYTHONPATH", "FLOWER_BASIC_AUTH", "SANDBOX_API_KEY"}
