@@ -103,7 +103,7 @@ class ChargeTask(Task):  # type: ignore[misc]
         except Exception as exc:  # the charge is parked: a monitor missing it is no failure
             log.warning("Charge task %s: retry event not sent (%s)", self.request.id,
                         type(exc).__name__)
-        raise Ignore() from None
+        raise Parked()
 
     def _next_message(self, headers: dict[str, Any], countdown: float | None = None) -> Signature:
         """Return this charge's next message: its progress in the headers, reprs redacted."""
@@ -117,6 +117,10 @@ class ChargeTask(Task):  # type: ignore[misc]
             argsrepr=argsrepr,
             kwargsrepr=kwargsrepr,
         )
+
+
+class Parked(Exception):
+    """The charge is parked (ChargeTask.park): its message is done, Celery must ignore it."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -151,10 +155,17 @@ def charge(self: ChargeTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     task = self.request
     progress = Progress.from_headers(task.headers, now=time.time())
     redelivered = bool((task.delivery_info or {}).get("redelivered"))
-    return ChargeRun(
-        runtime(self.app), self, task.id, f"{task.id}:{task.retries}", request, progress,
-        redelivered=redelivered,
-    ).run()
+    try:
+        return ChargeRun(
+            runtime(self.app), self, task.id, f"{task.id}:{task.retries}", request, progress,
+            redelivered=redelivered,
+        ).run()
+    except Parked:
+        # Raised here, not where the charge was parked: Celery copies every frame of an
+        # Ignore's traceback (billiard's ExceptionInfo, twice per Ignore, with each frame's
+        # code positions), which made a parked deferral cost more CPU and pool memory than
+        # a charge. From here the traceback is Celery's frames and this one.
+        raise Ignore() from None
 
 
 # A publisher row reaches Flower when a breaker's state changes, and at least this often.
