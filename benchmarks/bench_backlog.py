@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import statistics
 import sys
 import time
@@ -338,7 +339,7 @@ def long_outage(report: Report, charges: int, timeout: float, periods: int,
     settings = {"BREAKER_TIMEOUT": f"{timeout:g}"}
     if deadline:
         settings["PAYMENT_CHARGE_DEADLINE"] = f"{deadline:g}"
-    with lab("redis") as lab_, lab_.worker("workers", "bench-long", settings) as worker:
+    with lab("redis") as lab_, lab_.worker("workers", "bench-long", OURS_QUEUE, settings) as worker:
         progress(f"long outage: {charges:,} charges, breaker_timeout {timeout:g} s, provider "
                  f"down for {periods} open periods ({periods * timeout:g} s); {load()}")
         run = outage(lab_, worker, OURS_TASK, OURS_QUEUE, charges, periods * timeout, "long")
@@ -456,6 +457,20 @@ def _sections(text: str) -> tuple[str, ...]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the sections for each broker and print their tables (make bench: the defaults)."""
     args = parse([] if argv is None else argv)
+    # A SIGTERM (a timeout, CI) unwinds through the with-blocks that stop our processes and
+    # delete the RabbitMQ vhost.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _run(args: argparse.Namespace) -> None:
     report = Report()
     settings = {"BREAKER_TIMEOUT": f"{args.timeout:g}"}
     if args.deadline:
@@ -469,9 +484,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             break
         with ExitStack() as stack:
             lab_ = stack.enter_context(lab(kind))  # type: ignore[arg-type]
-            ours = stack.enter_context(lab_.worker("workers", f"bench-ours-{kind}", settings))
+            ours = stack.enter_context(
+                lab_.worker("workers", f"bench-ours-{kind}", OURS_QUEUE, settings))
             plain = stack.enter_context(
-                lab_.worker("benchmarks.plain_charge", f"bench-plain-{kind}"))
+                lab_.worker("benchmarks.plain_charge", f"bench-plain-{kind}", PLAIN_QUEUE))
             progress(f"[{kind}] broker {lab_.broker_url.split('@')[-1]}, breaker store "
                      f"{lab_.store_url}, sandbox {lab_.sandbox_url}; workers up; {load()}")
             steady = throughput(lab_, ours, plain, report)

@@ -65,6 +65,10 @@ def format_value(value: float, unit: str) -> str:
         return f"{value:,.0f}/s"
     if unit == "s":
         return f"{value:.4f} s"
+    if unit == "KB":
+        return f"{value:,.2f} KB"
+    if unit == "x":
+        return f"{value:.2f}"
     if unit == "cmd":
         return f"{value:.1e}" if 0 < value < 0.001 else f"{value:.3f}"
     return f"{value:g}"

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import redis
 from celery import Celery
-from kombu import Connection
+from kombu import Connection, Exchange, Queue
 
 from tests.redis_server import RedisServer
 
@@ -155,6 +155,10 @@ class Worker:
     env: dict[str, str]
     log: Path
     concurrency: int
+    # Queues the worker starts on (and is then told to stop consuming until a batch is
+    # sent): on RabbitMQ, Celery binds native delayed delivery only to the queues a worker
+    # has when it starts, so a queue first added by add_consumer never gets its countdowns.
+    queues: list[str] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
     # payments.charge logs order ids when it reschedules: the benchmark maps them to tasks.
     task_of_order: dict[str, str] = field(default_factory=dict)
@@ -169,7 +173,8 @@ class Worker:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", self.app, "worker",
              "--pool", "prefork", "--concurrency", str(self.concurrency), "-n", self.name,
-             "-E", "-Q", IDLE_QUEUE, "--loglevel", "INFO", "-f", str(self.log),
+             "-E", "-Q", ",".join([IDLE_QUEUE, *self.queues]),
+             "--loglevel", "INFO", "-f", str(self.log),
              "--without-mingle", "--without-gossip", *self.extra_args],
             cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -348,14 +353,15 @@ class Lab:
         return env
 
     @contextmanager
-    def worker(self, app: str, name: str, settings: dict[str, str] | None = None,
+    def worker(self, app: str, name: str, queue: str, settings: dict[str, str] | None = None,
                concurrency: int = 2) -> Iterator[Worker]:
-        """Run a worker of app for the length of the with-block."""
+        """Run a worker of app for the length of the with-block, not consuming queue yet."""
         log = self.workdir / f"{name}.log"
         worker = Worker(app, f"{name}@{socket.gethostname()}",
-                        self.worker_env(**(settings or {})), log, concurrency)
+                        self.worker_env(**(settings or {})), log, concurrency, [queue])
         try:
             worker.start()
+            self.consume(worker, queue, on=False)
             yield worker
         finally:
             worker.stop()
@@ -364,16 +370,27 @@ class Lab:
         """Make the worker start (on) or stop consuming queue, and wait for its answer."""
         control = self.sender.control
         call = control.add_consumer if on else control.cancel_consumer
-        replies = call(queue, destination=[worker.name], reply=True, timeout=10)
+        options: dict[str, Any] = {}
+        if on and self.broker_kind == "amqp":
+            # As the apps declare their exchanges on RabbitMQ (add_consumer's default is
+            # 'direct', which RabbitMQ refuses for an exchange already declared 'topic').
+            options["exchange_type"] = "topic"
+        replies = call(queue, destination=[worker.name], reply=True, timeout=10, **options)
         if not replies:
             raise RuntimeError(f"{worker.name} did not answer {'add' if on else 'cancel'}"
                                f"_consumer {queue}")
 
     def send(self, task: str, order_ids: Sequence[str], queue: str) -> list[str]:
         """Send one charge per order id on one producer; return the task ids."""
+        target: str | Queue = queue
+        if self.broker_kind == "amqp":
+            # Declared as the workers declare it: a quorum queue on a topic exchange (a queue
+            # Celery makes up for a name it does not know gets a direct exchange).
+            target = Queue(queue, Exchange(queue, type="topic"), routing_key=queue,
+                           queue_arguments={"x-queue-type": "quorum"})
         with self.sender.producer_or_acquire() as producer:
             return [
-                self.sender.send_task(task, kwargs=charge_kwargs(order_id), queue=queue,
+                self.sender.send_task(task, kwargs=charge_kwargs(order_id), queue=target,
                                       producer=producer).id
                 for order_id in order_ids
             ]
