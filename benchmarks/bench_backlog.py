@@ -311,7 +311,7 @@ def report_outage(report: Report, kind: BrokerKind, runs: dict[str, Outage],
         rows, notes)
 
 
-def _notes(name: str, run: Outage, rate: float) -> list[str]:
+def _notes(name: str, run: Outage, rate: float | None) -> list[str]:
     n = run.charges
     return [
         f"{name}: worker RSS {mb(run.rss_before)} before, {mb(run.rss_peak)} at the peak "
@@ -323,8 +323,9 @@ def _notes(name: str, run: Outage, rate: float) -> list[str]:
         f"{run.already_done:,} runs that found the order already charged); deferrals per "
         f"charge {counts(run.deferrals)}",
         f"{name}: provider back {run.back_after:.1f} s after sending; first charge "
-        f"{run.first_after_back:.1f} s later; drain {run.drain:.1f} s = "
-        f"{run.drain * rate / n:.2f}x N/steady ({n / run.drain if run.drain else 0:,.0f}/s); "
+        f"{run.first_after_back:.1f} s later; drain {run.drain:.1f} s"
+        + ("" if rate is None else f" = {run.drain * rate / n:.2f}x N/steady")
+        + f" ({n / run.drain if run.drain else 0:,.0f}/s); "
         f"{'complete' if run.complete else 'NOT complete'}; results {counts(run.statuses)}; "
         f"provider: {run.charged:,} of {n:,} orders charged, {run.charged_twice} twice",
     ]
@@ -349,7 +350,8 @@ def long_outage(report: Report, charges: int, timeout: float, periods: int,
         f"(a {periods * 30 / 60:g}-minute outage at the default 30 s has as many)",
         [Row("executions per charge", run.receptions / n, None, "", "x",
              Target(EXECUTIONS_LONG, "ours"))],
-        _notes("payments.charge", run, n / max(run.drain, 1e-9)),
+        # No throughput phase here: the drain is given in charges/s, with no steady ratio.
+        _notes("payments.charge", run, None),
     )
 
 
