@@ -56,6 +56,7 @@ class ReleaseParkedCharges(bootsteps.StartStopStep):  # type: ignore[misc]
             lambda: runtime(app).parking, state_of,
             lambda message: app.signature(message).apply_async(),
             interval=runtime(app).settings.payment_release_interval,
+            refusing=lambda names: setattr(runtime(app), "refusing", names),
         )
         self.releaser.start()
 

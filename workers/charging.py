@@ -142,6 +142,16 @@ class ChargeRun:
             permit = self._admit(self.breaker)
         return self._attempt(permit, self.charge, self.charge.idempotency_key)
 
+    def park_if_refused(self) -> None:
+        """Park the charge if its breaker refuses calls now (never returns then), else return.
+
+        The worker's gate (workers.gate) asks this before the pool: a charge due at its
+        deadline, or one its breaker would let through, goes on to be run.
+        """
+        if time.time() >= self.deadline:
+            return
+        self._admit(self.breaker).release()
+
     # Phases.
 
     def _admit(self, breaker: CircuitBreaker) -> Permit:

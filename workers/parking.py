@@ -176,10 +176,14 @@ class Releaser:
         state_of: Callable[[str], tuple[CircuitState, int]],
         publish: Callable[[dict[str, Any]], None],
         interval: float = 0.5,
+        refusing: Callable[[frozenset[str]], None] | None = None,
     ) -> None:
         self._parking = parking
         self._state_of = state_of
         self._publish = publish
+        # Told after every pass which breakers were OPEN (the worker's gate parks their
+        # charges before the pool), and told none when a pass fails.
+        self._refusing = refusing
         self.interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -200,8 +204,11 @@ class Releaser:
         """Release what every breaker lets through now."""
         parking = self._parking()
         done = []
+        refusing = set()
         for name in parking.breakers():
             state, probes = self._state_of(name)
+            if state is CircuitState.OPEN:
+                refusing.add(name)
             released = parking.release(name, state, probes, self._publish)
             if released.sent:
                 log.info(
@@ -209,6 +216,8 @@ class Releaser:
                     released.sent, name, state.value, released.left,
                 )
             done.append(released)
+        if self._refusing is not None:
+            self._refusing(frozenset(refusing))
         return done
 
     def _loop(self) -> None:
@@ -216,6 +225,8 @@ class Releaser:
             try:
                 self.run_once()
             except Exception as exc:  # Redis or the broker away: the charges wait, not lost
+                if self._refusing is not None:
+                    self._refusing(frozenset())
                 if not self._failing:
                     log.warning(
                         "Parked charges cannot be released now (%s: %s); trying again every "

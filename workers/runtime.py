@@ -31,6 +31,9 @@ class Runtime:
     parking: Parking
     provider: Provider
     pid: int
+    # The breakers this process's releaser last saw OPEN: the gate (workers.gate) parks
+    # their charges as they arrive. Replaced whole, never changed in place.
+    refusing: frozenset[str] = frozenset()
 
     def close(self) -> None:
         """Send the batched breaker counts and release connections."""

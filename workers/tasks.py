@@ -6,9 +6,11 @@ import datetime
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from celery import Task, shared_task
+from celery.app.task import Context
 from celery.canvas import Signature
 from celery.exceptions import Ignore, Reject, Retry
 from celery.worker.request import Request
@@ -48,6 +50,8 @@ class ChargeTask(Task):  # type: ignore[misc]
     max_retries = None
     typing = False
     Request = RedactedRequest
+    # Charges of a refusing breaker are parked as they arrive, before the pool (workers.gate).
+    Strategy = "workers.gate:strategy"
 
     def reschedule(self, countdown: float, headers: dict[str, Any], reason: str) -> NoReturn:
         """Send this charge again after countdown seconds, with its progress in the headers.
@@ -56,7 +60,7 @@ class ChargeTask(Task):  # type: ignore[misc]
         turns a publish error into Reject(requeue=False), which acks the original. Here the
         original goes back to the broker, to be delivered again.
         """
-        signature = self._next_message(headers, countdown=countdown)
+        signature = next_message(self, self.request, headers, countdown=countdown)
         error = _publish(signature)
         if error is not None:
             log.error(
@@ -76,51 +80,71 @@ class ChargeTask(Task):  # type: ignore[misc]
         Parked, the charge waits in the breaker store (workers.parking), not in a worker; if
         the store cannot take it, it is rescheduled with the countdown instead.
         """
-        message = _jsonable(dict(self._next_message(headers)))
+        request = self.request
         try:
-            runtime(self.app).parking.park(breaker, message, time.time() + countdown, deadline)
+            park_message(self, request, breaker, deadline, headers, countdown)
         except STORE_ERRORS as exc:
             log.warning(
                 "Charge task %s: cannot park it (%s); rescheduled in %.3fs instead",
-                self.request.id, type(exc).__name__, countdown,
+                request.id, type(exc).__name__, countdown,
             )
             self.reschedule(countdown, headers, reason)
-        # As a Celery retry would: RETRY in the result backend, for AsyncResult.state, and
-        # what Flower shows of a retry. The charge waits; its message is done.
-        reschedule = ChargeRescheduled(reason)
-        try:
-            self.backend.mark_as_retry(self.request.id, reschedule, request=self.request)
-        except Exception as exc:  # a backend that cannot take it costs the charge nothing
-            log.warning("Charge task %s: RETRY state not stored (%s)", self.request.id,
-                        type(exc).__name__)
-        due = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=countdown)
-        try:
-            self.send_event(
-                "task-retried",
-                exception=f"Retry in {countdown:g}s: {reschedule!r}",
-                traceback="", eta=due.isoformat(), retry=False,
-            )
-        except Exception as exc:  # the charge is parked: a monitor missing it is no failure
-            log.warning("Charge task %s: retry event not sent (%s)", self.request.id,
-                        type(exc).__name__)
+        show_parked(self, request, self.send_event, reason, countdown)
         raise Parked()
-
-    def _next_message(self, headers: dict[str, Any], countdown: float | None = None) -> Signature:
-        """Return this charge's next message: its progress in the headers, reprs redacted."""
-        request = self.request
-        argsrepr, kwargsrepr = charge_reprs(request.args or (), request.kwargs or {})
-        return self.signature_from_request(
-            request,
-            countdown=countdown,
-            retries=request.retries + 1,
-            headers={**(request.headers or {}), **headers},
-            argsrepr=argsrepr,
-            kwargsrepr=kwargsrepr,
-        )
 
 
 class Parked(Exception):
     """The charge is parked (ChargeTask.park): its message is done, Celery must ignore it."""
+
+
+def next_message(
+    task: Task, request: Context, headers: dict[str, Any], countdown: float | None = None
+) -> Signature:
+    """Return a charge's next message: its progress in the headers, reprs redacted."""
+    argsrepr, kwargsrepr = charge_reprs(request.args or (), request.kwargs or {})
+    return task.signature_from_request(
+        request,
+        countdown=countdown,
+        retries=request.retries + 1,
+        headers={**(request.headers or {}), **headers},
+        argsrepr=argsrepr,
+        kwargsrepr=kwargsrepr,
+    )
+
+
+def park_message(
+    task: Task, request: Context, breaker: str, deadline: float, headers: dict[str, Any],
+    countdown: float,
+) -> None:
+    """Park a charge's next message on breaker for countdown seconds; raise if Redis fails."""
+    message = _jsonable(dict(next_message(task, request, headers)))
+    runtime(task.app).parking.park(breaker, message, time.time() + countdown, deadline)
+
+
+def show_parked(
+    task: Task, request: Context, send_event: Callable[..., Any], reason: str, countdown: float
+) -> None:
+    """Show a parked charge as a Celery retry would: RETRY in the backend, a retried event.
+
+    Both best effort: the charge is parked, and a backend or monitor missing it costs the
+    charge nothing.
+    """
+    reschedule = ChargeRescheduled(reason)
+    try:
+        task.backend.mark_as_retry(request.id, reschedule, request=request)
+    except Exception as exc:
+        log.warning("Charge task %s: RETRY state not stored (%s)", request.id,
+                    type(exc).__name__)
+    due = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=countdown)
+    try:
+        send_event(
+            "task-retried",
+            exception=f"Retry in {countdown:g}s: {reschedule!r}",
+            traceback="", eta=due.isoformat(), retry=False,
+        )
+    except Exception as exc:
+        log.warning("Charge task %s: retry event not sent (%s)", request.id,
+                    type(exc).__name__)
 
 
 def _jsonable(value: Any) -> Any:

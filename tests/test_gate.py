@@ -1,0 +1,139 @@
+"""The gate: charges of an open breaker are parked as they arrive, before the pool.
+
+Embedded workers (threads pool) on the private Redis and the sandbox; which charges ran in
+the pool is told by Celery's task_prerun signal, sent only for a task that runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery.result import AsyncResult
+from celery.signals import task_prerun
+
+from tests.embedded import DEFERRED, RESULT_WAIT, Worker
+from tests.redis_server import RedisServer
+from tests.waiting import wait_until
+from workers.errors import InvalidCharge
+from workers.runtime import runtime
+from workers.sandbox import SandboxControl
+
+BREAKER = "payments.card"
+OUTAGE = {"breaker_timeout": 30.0, "breaker_success_threshold": 1, "payment_charge_deadline": 120.0}
+
+
+@pytest.fixture
+def ran() -> Iterator[set[str]]:
+    """Yield the ids of the tasks that ran in a pool, as they start."""
+    ids: set[str] = set()
+    lock = threading.Lock()
+
+    def started(task_id: str, **_: Any) -> None:
+        with lock:
+            ids.add(task_id)
+
+    task_prerun.connect(started, weak=False)
+    yield ids
+    task_prerun.disconnect(started)
+
+
+def gate_open(worker: Worker) -> None:
+    """Open the card breaker and wait until the worker's releaser has seen it refuse."""
+    worker.breaker.force_open()
+    first = worker.charge(order_id="ord_first")
+    wait_until(
+        lambda: BREAKER in runtime(worker.app).refusing, RESULT_WAIT,
+        "the releaser to see the card breaker refuse",
+    )
+    wait_until(lambda: first.state == "RETRY", RESULT_WAIT, "the first charge deferred")
+
+
+def test_charges_of_an_open_breaker_are_parked_without_running_and_charged_once_after(
+    start: Callable[..., Worker], sandbox: SandboxControl, ran: set[str],
+) -> None:
+    worker = start(**OUTAGE)
+    gate_open(worker)
+    parking = runtime(worker.app).parking
+
+    tasks = [worker.charge(order_id=f"ord_gate_{n}") for n in range(20)]
+    wait_until(lambda: parking.count(BREAKER) == 21, RESULT_WAIT, "21 charges parked")
+
+    assert not ran & {t.id for t in tasks}, "a charge of an open breaker ran in the pool"
+    for task in tasks:
+        assert task.state == "RETRY"
+        assert "deferral 1 (circuit payments.card open): not an attempt" in str(task.info)
+    deferrals = worker.logs.wait_for(DEFERRED, count=21)
+    assert {d["deferrals"] for d in deferrals} == {"1"}
+    # The refusals count on the breaker as the pool's do (batched: within a second).
+    wait_until(lambda: worker.breaker.snapshot()["rejected"] == 21, RESULT_WAIT,
+               "21 refusals counted")
+    assert worker.breaker.snapshot()["calls"] == 0
+
+    worker.breaker.reset()
+    results = [task.get(timeout=RESULT_WAIT) for task in tasks]
+
+    assert {(r["status"], r["attempts"], r["deferrals"]) for r in results} == {
+        ("succeeded", 1, 1)
+    }
+    charged = sandbox.ledger()["charges_by_order"]
+    assert all(charged[f"ord_gate_{n}"] == 1 for n in range(20))
+    assert parking.count(BREAKER) == 0
+
+
+def test_what_the_gate_cannot_vouch_for_goes_on_to_the_pool(
+    start: Callable[..., Worker], ran: set[str],
+) -> None:
+    worker = start(**OUTAGE)
+    gate_open(worker)
+    parking = runtime(worker.app).parking
+
+    invalid = worker.charge(order_id="ord_bad", amount=-5)
+    with pytest.raises(InvalidCharge, match="amount"):
+        invalid.get(timeout=RESULT_WAIT)
+    # A charge of another breaker, closed, is charged at once.
+    other = worker.charge(order_id="ord_wallet", payment_method="wallet")
+    assert other.get(timeout=RESULT_WAIT)["status"] == "succeeded"
+    # A charge past its deadline is settled by the pool, never parked.
+    late = worker.charge(order_id="ord_late", headers={"pb_first_received": 1.0})
+    with pytest.raises(Exception, match="ord_late"):
+        late.get(timeout=RESULT_WAIT)
+
+    assert {invalid.id, other.id, late.id} <= ran
+    assert parking.count(BREAKER) == 1  # only the first charge
+
+
+def test_a_store_that_refuses_parks_makes_the_gate_stand_aside_and_loses_nothing(
+    start: Callable[..., Worker], spare_redis_server: RedisServer, ran: set[str],
+    sandbox: SandboxControl,
+) -> None:
+    # The breaker store on a server of its own, the broker not: only parking is refused.
+    # Its countdown reschedules wait in the worker: a short timeout ends them soon.
+    worker = start(
+        **{**OUTAGE, "breaker_timeout": 3.0}, breaker_redis_url=spare_redis_server.url
+    )
+    gate_open(worker)
+    store = redis.Redis.from_url(spare_redis_server.url)
+    # Parking runs ZADD in a script: denied, every park fails; the releaser's reads do not.
+    store.acl_setuser("default", commands=["-zadd"], reset=False)
+    try:
+        tasks = [worker.charge(order_id=f"ord_acl_{n}") for n in range(3)]
+        wait_until(lambda: {t.id for t in tasks} <= ran, RESULT_WAIT,
+                   "the charges to go on to the pool")
+        wait_until(lambda: all(t.state == "RETRY" for t in tasks), RESULT_WAIT,
+                   "the pool to reschedule them with their countdown")
+    finally:
+        store.acl_setuser("default", commands=["+zadd"], reset=False)
+        store.close()
+
+    gate = [line for line in worker.logs.lines if "charge gate cannot park" in line]
+    assert len(gate) == 1, gate  # once per pause, not once per charge
+    assert "charges go on to the pool for 5s" in gate[0]
+    worker.breaker.reset()
+    results = [AsyncResult(t.id, app=worker.app).get(timeout=60) for t in tasks]
+    assert {r["status"] for r in results} == {"succeeded"}
+    charged = sandbox.ledger()["charges_by_order"]
+    assert all(charged[f"ord_acl_{n}"] == 1 for n in range(3))

@@ -1,0 +1,235 @@
+"""Park the charges of an open breaker in the worker's main process, before the pool.
+
+Deferred in a pool process, a charge its breaker refuses costs a whole task execution:
+the task-started event, the STARTED state, the trace, the Ignore that Celery copies frame by
+frame, the result sent back to the main process. Every charge of a flash-sale backlog that
+arrives while the provider is down paid that once, which made a deferral dearer than a
+charge. The gate decides as a charge arrives instead, in the consumer (ChargeTask.Strategy):
+
+- it looks only at charges of a breaker the releaser last saw OPEN (Runtime.refusing), so
+  while every breaker is closed a charge costs the gate one set lookup;
+- it asks that breaker, in this process, whether the charge may be tried: a refusal comes
+  from the breaker's own cache (no round trip) and counts as the pool's would;
+- refused, the charge is parked with the countdown the pool would give it
+  (ChargeRun.park_if_refused), shown as a retry (RETRY state, task-received and task-retried
+  events) and its message is acked. Otherwise the message goes on to Celery untouched.
+
+A message the gate is not sure of goes on to the pool, which decides with everything it
+knows: a redelivered message, one with expires, a revoked one, one past its deadline, one
+whose arguments do not parse, one of a breaker that would let it through. When Redis
+refuses a park, the gate stands aside for PAUSE_SECONDS, so a broken store does not hold up
+the consumer one socket timeout per message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, NoReturn
+
+from celery import Celery, Task
+from celery.app.task import Context
+from celery.app.trace import LOG_RECEIVED
+from celery.utils.time import maybe_iso8601
+from celery.worker.strategy import default
+from kombu.message import Message
+
+from breaker.redis_core import STORE_ERRORS
+from workers.charging import ChargeRun, Progress
+from workers.errors import ChargeExpired
+from workers.redaction import charge_reprs
+from workers.runtime import Runtime, runtime
+from workers.tasks import Parked, _arguments, park_message, show_parked
+from workers.validation import parse_charge
+
+log = logging.getLogger("workers.charges")
+# Celery's logger of received messages (celery.worker.strategy).
+received_log = logging.getLogger("celery.worker.strategy")
+
+# How long the gate stands aside after Redis refused to park a charge.
+PAUSE_SECONDS = 5.0
+
+Handler = Callable[..., Any]
+
+
+def strategy(task: Task, app: Celery, consumer: Any, **options: Any) -> Handler:
+    """Return Celery's message handler for task, with the gate in front of it."""
+    handle = default(task, app, consumer, **options)
+    gate = Gate(task, app, consumer)
+
+    def task_message_handler(
+        message: Message, body: Any, ack: Any, reject: Any, callbacks: Any, **more: Any
+    ) -> Any:
+        if gate.parks(message, ack):
+            return None
+        return handle(message, body, ack, reject, callbacks, **more)
+
+    return task_message_handler
+
+
+class ToThePool(Exception):
+    """The gate leaves this charge to the pool."""
+
+
+class Gate:
+    """Park, before the pool, the charges whose breaker refuses calls."""
+
+    def __init__(self, task: Task, app: Celery, consumer: Any) -> None:
+        self.task = task
+        self.app = app
+        self.hostname = consumer.hostname
+        self.revoked = consumer.controller.state.revoked
+        self.connection_errors = consumer.connection_errors
+        eventer = consumer.event_dispatcher
+        self.eventer = eventer if eventer and eventer.enabled and task.send_events else None
+        self.paused_until = 0.0
+        self.failed_once = False
+
+    def parks(self, message: Message, ack: Callable[..., Any]) -> bool:
+        """Park message's charge if its breaker refuses it; return True if it did (acked).
+
+        ack: what Celery gave the handler to ack message with (soon, on the event loop).
+        """
+        rt = runtime(self.app)
+        if not rt.refusing or time.monotonic() < self.paused_until:
+            return False
+        try:
+            parked = self._park(rt, message)
+        except (ToThePool, ChargeExpired):
+            return False  # ChargeExpired: the deadline came meanwhile; the pool settles it
+        except Exception:
+            # A bug here must not stop charges: the pool takes them, and it is said once.
+            if not self.failed_once:
+                log.exception("The charge gate failed; charges go on to the pool")
+                self.failed_once = True
+            return False
+        if parked:
+            ack(log, self.connection_errors)
+        return parked
+
+    def _park(self, rt: Runtime, message: Message) -> bool:
+        headers = message.headers or {}
+        delivery = message.delivery_info or {}
+        if (
+            headers.get("expires") or headers.get("id") in self.revoked
+            or delivery.get("redelivered") or headers.get("task") != self.task.name
+        ):
+            return False
+        payload = message.payload
+        if not isinstance(payload, list | tuple) or len(payload) != 3:
+            return False  # not protocol 2: Celery converts it
+        args, kwargs, embed = payload
+        if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+            return False
+        try:
+            charge = parse_charge(_arguments(tuple(args), kwargs))
+        except ValueError:
+            return False  # the pool fails it with InvalidCharge
+        if charge.breaker_name not in rt.refusing:
+            return False
+        request = self._context(message, headers, args, kwargs, embed)
+        now = time.time()
+        # Parked from here, the charge's clock starts now and travels in its headers.
+        progress = replace(Progress.from_headers(request.headers, now), carried=True)
+        run = ChargeRun(
+            rt, _Parker(self, request, _eta(headers)), request.id,
+            f"{request.id}:{request.retries}", charge, progress,
+        )
+        try:
+            run.park_if_refused()
+        except Parked:
+            return True
+        return False
+
+    def _context(
+        self, message: Message, headers: dict[str, Any], args: Any, kwargs: Any, embed: Any
+    ) -> Context:
+        """Return the task request the pool would see for message (Celery's Request)."""
+        properties = message.properties or {}
+        delivery = message.delivery_info or {}
+        return Context(
+            headers,
+            **(embed or {}),
+            args=args,
+            kwargs=kwargs,
+            properties=properties,
+            reply_to=properties.get("reply_to"),
+            correlation_id=properties.get("correlation_id"),
+            hostname=self.hostname,
+            delivery_info={
+                "exchange": delivery.get("exchange"),
+                "routing_key": delivery.get("routing_key"),
+                "priority": properties.get("priority"),
+                "redelivered": delivery.get("redelivered", False),
+            },
+        )
+
+    def send_event(self, request: Context, type_: str, **fields: Any) -> None:
+        """Send a task event for request, as the worker's own would be sent."""
+        if self.eventer is not None:
+            fields.pop("retry", None)
+            self.eventer.send(type_, uuid=request.id, **fields)
+
+    def pause(self, exc: BaseException) -> None:
+        """Stand aside for PAUSE_SECONDS: Redis refused a park."""
+        self.paused_until = time.monotonic() + PAUSE_SECONDS
+        log.warning(
+            "The charge gate cannot park charges (%s); charges go on to the pool for %gs",
+            type(exc).__name__, PAUSE_SECONDS,
+        )
+
+
+class _Parker:
+    """The task side of a ChargeRun for the gate: park and show, or leave it to the pool."""
+
+    def __init__(self, gate: Gate, request: Context, not_before: float | None) -> None:
+        self.gate = gate
+        self.request = request
+        self.not_before = not_before
+
+    def park(
+        self, breaker: str, deadline: float, headers: dict[str, Any], reason: str,
+        countdown: float,
+    ) -> NoReturn:
+        gate, request = self.gate, self.request
+        if self.not_before is not None:
+            # A countdown retry refused before it is due waits at least until then.
+            countdown = round(max(countdown, self.not_before - time.time()), 3)
+        try:
+            park_message(gate.task, request, breaker, deadline, headers, countdown)
+        except STORE_ERRORS as exc:
+            gate.pause(exc)
+            raise ToThePool() from None
+        argsrepr, kwargsrepr = charge_reprs(request.args or (), request.kwargs or {})
+        if received_log.isEnabledFor(logging.INFO):
+            # Celery's own line for a message received, as for every other charge.
+            context = {"id": request.id, "name": gate.task.name, "args": argsrepr,
+                       "kwargs": kwargsrepr, "eta": request.eta}
+            received_log.info(LOG_RECEIVED, context, extra={"data": context})
+        if gate.eventer is not None:
+            gate.send_event(
+                request, "task-received", name=gate.task.name, args=argsrepr,
+                kwargs=kwargsrepr, root_id=request.root_id, parent_id=request.parent_id,
+                retries=request.retries, eta=None, expires=None,
+            )
+        show_parked(
+            gate.task, request, lambda type_, **fields: gate.send_event(request, type_, **fields),
+            reason, countdown,
+        )
+        raise Parked()
+
+    def reschedule(self, countdown: float, headers: dict[str, Any], reason: str) -> NoReturn:
+        raise ToThePool()
+
+
+def _eta(headers: dict[str, Any]) -> float | None:
+    """Return a message's eta as a unix time, None if it has none or it cannot be read."""
+    eta = headers.get("eta")
+    if not eta:
+        return None
+    try:
+        return float(maybe_iso8601(eta).timestamp())
+    except (TypeError, ValueError, AttributeError):
+        return None
