@@ -67,6 +67,8 @@ def format_value(value: float, unit: str) -> str:
         return f"{value:.4f} s"
     if unit == "KB":
         return f"{value:,.2f} KB"
+    if unit == "MB":
+        return f"{value:,.1f} MB"
     if unit == "x":
         return f"{value:.2f}"
     if unit == "cmd":

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_charge_succeeds_and_is_recorded_in_the_ledger(
     assert charge["id"] == response.json()["id"]
     assert (charge["order_id"], charge["amount"], charge["currency"]) == ("ord_1", 1999, "usd")
     assert ledger["charges_by_order"] == {"ord_1": 1}
-    assert ledger["requests"] == {"total": 1, "by_status": {"200": 1}}
+    assert ledger["requests"] == {"total": 1, "by_status": {"200": 1}, "in_flight": 0}
     [event] = ledger["events"]
     assert (event["status"], event["order_id"]) == (200, "ord_1")
     assert abs(event["t"] - time.time()) < 60
@@ -209,7 +210,7 @@ def test_bad_input_is_rejected_naming_the_field_and_only_counted(
     assert field in error_of(response)["message"]
     ledger = sandbox.ledger()
     assert ledger["charges"] == []
-    assert ledger["requests"] == {"total": 1, "by_status": {"400": 1}}
+    assert ledger["requests"] == {"total": 1, "by_status": {"400": 1}, "in_flight": 0}
 
 
 def test_configured_api_key_is_required() -> None:
@@ -273,6 +274,25 @@ def test_slow_waits_then_charges(client: httpx.Client, sandbox: SandboxControl) 
     assert time.monotonic() - started >= 0.3
     assert response.status_code == 200
     assert len(sandbox.ledger()["charges"]) == 1
+
+
+def test_a_request_held_by_a_slow_fault_is_counted_in_flight_until_answered(
+    client: httpx.Client, sandbox: SandboxControl
+) -> None:
+    sandbox.set_faults("slow", delay=0.5)
+    answers: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answers.append(post_charge(client, charge_body())))
+    sender.start()
+    deadline = time.monotonic() + 5.0
+    while sandbox.ledger()["requests"]["in_flight"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    held = sandbox.ledger()
+    sender.join(timeout=10)
+
+    assert held["requests"]["in_flight"] == 1
+    assert held["charges"] == []  # counted on arrival, charged after the delay
+    assert [a.status_code for a in answers] == [200]
+    assert sandbox.ledger()["requests"]["in_flight"] == 0
 
 
 def test_timeout_holds_the_request_then_answers_504_without_charging(
@@ -396,7 +416,7 @@ def test_reset_clears_ledger_idempotency_stats_and_faults(
     assert ledger["charges"] == []
     assert ledger["events"] == []
     assert ledger["charges_by_order"] == {}
-    assert ledger["requests"] == {"total": 0, "by_status": {}}
+    assert ledger["requests"] == {"total": 0, "by_status": {}, "in_flight": 0}
     assert sandbox.faults() == {"mode": "ok"}
     again = post_charge(client, charge_body(), key="idem_1")
     assert again.status_code == 200

@@ -231,6 +231,9 @@ def test_a_charge_killed_at_the_provider_and_back_after_its_deadline_returns_tha
             wait_until(
                 lambda: book.journal(order).get("pending"), 15, "the attempt to be journaled"
             )
+            # Journaled before it is sent: killed only once the request reached the provider.
+            wait_until(lambda: sandbox.ledger()["requests"]["in_flight"], 15,
+                       "the attempt to reach the provider")
             first.kill()  # the provider finishes the charge; its answer has nobody to go to
         received = book.journal(order)["received"][task.id]
         wait_until(lambda: sandbox.ledger()["charges_by_order"].get(order), 10, "the charge")

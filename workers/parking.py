@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import redis.cluster
+
 from breaker import CircuitState
 
 log = logging.getLogger("workers.parking")
@@ -42,10 +44,12 @@ LOCK_SECONDS = 10.0
 # instead of one burst that would hold the lock past its lease.
 RELEASE_BATCH = 500
 
-# KEYS[1] due set, KEYS[2] deadlines set; ARGV[1] member, ARGV[2] due, ARGV[3] deadline.
+# KEYS[1] due set, KEYS[2] deadlines set, KEYS[3] the index (where all keys may go in one
+# script: not on a Cluster); ARGV[1] member, ARGV[2] due, ARGV[3] deadline, ARGV[4] breaker.
 PARK = """
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+if KEYS[3] then redis.call('SADD', KEYS[3], ARGV[4]) end
 return 1
 """
 
@@ -110,6 +114,8 @@ class Parking:
         self._forget = client.register_script(FORGET)
         self._unlock = client.register_script(UNLOCK)
         self._releaser = f"{os.getpid()}:{threading.get_ident()}:{id(self)}"
+        # One round trip per park, index included, where a script may touch every key.
+        self._one_script = not isinstance(client, redis.cluster.RedisCluster)
 
     @staticmethod
     def keys(breaker: str) -> list[str]:
@@ -120,8 +126,12 @@ class Parking:
     def park(self, breaker: str, message: dict[str, Any], due: float, deadline: float) -> None:
         """Park a charge's next message: sent once due and let through, or at its deadline."""
         member = json.dumps(message, sort_keys=True)
-        self._park(keys=self.keys(breaker)[:2], args=[member, due, max(due, deadline)])
-        # Another slot than the sets': a command of its own.
+        args = [member, due, max(due, deadline), breaker]
+        if self._one_script:
+            self._park(keys=[*self.keys(breaker)[:2], INDEX_KEY], args=args)
+            return
+        self._park(keys=self.keys(breaker)[:2], args=args)
+        # On a Cluster, another slot than the sets': a command of its own.
         self._client.sadd(INDEX_KEY, breaker)
 
     def breakers(self) -> list[str]:

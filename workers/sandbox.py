@@ -69,6 +69,13 @@ class RequestStats(TypedDict):
 
     total: int
     by_status: dict[str, int]
+    # Requests that arrived and have no answer yet (held by a slow fault, say).
+    in_flight: int
+
+
+def no_requests() -> RequestStats:
+    """Return the request stats of a sandbox that has seen none (or whose ledger is unknown)."""
+    return {"total": 0, "by_status": {}, "in_flight": 0}
 
 
 class LedgerEvent(TypedDict):
@@ -257,6 +264,8 @@ class Sandbox:
     def __init__(self, api_key: str | None = None) -> None:
         self._api_key = api_key or None
         self._lock = threading.Lock()
+        # Not statistics: a reset does not forget the requests still being answered.
+        self._in_flight = 0
         self._closing = threading.Event()
         self._clear()
 
@@ -309,6 +318,7 @@ class Sandbox:
                 "requests": {
                     "total": sum(self._by_status.values()),
                     "by_status": {str(status): count for status, count in by_status},
+                    "in_flight": self._in_flight,
                 },
                 "events": list(self._events),
             }
@@ -316,6 +326,18 @@ class Sandbox:
     def charge(self, body: bytes, authorization: str | None, idempotency_key: str | None) -> Reply:
         """Answer one charge request under the current faults and count it."""
         arrived = time.time()
+        with self._lock:
+            self._in_flight += 1
+        try:
+            return self._answer(body, authorization, idempotency_key, arrived)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _answer(
+        self, body: bytes, authorization: str | None, idempotency_key: str | None,
+        arrived: float,
+    ) -> Reply:
         payload = _decode(body)
         with self._lock:
             faults = self._faults

@@ -10,6 +10,7 @@ from typing import Any
 
 from workers.demo.sale import SaleRecord, outage_calls
 from workers.demo.watch import segments
+from workers.sandbox import no_requests
 
 STATE_COLORS = {"closed": "#2e9d4a", "open": "#d64545", "half_open": "#f0b429"}
 STATE_LABELS = {"closed": "closed", "open": "open", "half_open": "half-open"}
@@ -172,7 +173,7 @@ def _outage_lines(record: SaleRecord) -> list[str]:
                if m and m["status"] == "SUCCESS" and isinstance(m.get("result"), dict)]
     deferred = [r for r in results if r.get("deferrals", 0) > 0]
     deferrals = sum(int(r.get("deferrals", 0)) for r in results)
-    requests = ledger["requests"] if ledger else {"total": 0, "by_status": {}}
+    requests = ledger["requests"] if ledger else no_requests()
     return [
         f"  The outage ({record.options.outage:g}s of HTTP 503)",
         f"    calls that reached the provider    {during:>5}{_statuses(statuses)}",

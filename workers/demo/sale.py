@@ -20,7 +20,7 @@ from workers.demo.options import DemoOptions
 from workers.demo.stack import Stack
 from workers.demo.view import LiveView, Status
 from workers.demo.watch import BreakerWatch, ResultReader, Tally, tally
-from workers.sandbox import Ledger
+from workers.sandbox import Ledger, no_requests
 
 BREAKER = "payments.card"
 TICK_SECONDS = 0.1  # breaker sampling: fine enough to date its changes to a tenth of a second
@@ -187,7 +187,7 @@ class Sale:
 
     def _status(self, now: float) -> Status:
         record, snapshot = self.record, self.watch.snapshot
-        requests = self.ledger["requests"] if self.ledger else {"total": 0, "by_status": {}}
+        requests = self.ledger["requests"] if self.ledger else no_requests()
         return Status(
             elapsed=now - record.started_at,
             phase=self.phase,
