@@ -15,6 +15,7 @@ import pytest
 import redis
 from celery import Celery
 from celery.app.task import Context
+from celery.backends.redis import RedisBackend
 from celery.result import AsyncResult
 from celery.signals import task_prerun
 
@@ -22,9 +23,9 @@ from tests.embedded import DEFERRED, RESULT_WAIT, Worker
 from tests.redis_server import RedisServer
 from tests.waiting import wait_until
 from workers.errors import ChargeRescheduled, InvalidCharge
+from workers.results import OneTripRedisBackend
 from workers.runtime import runtime
 from workers.sandbox import SandboxControl
-from workers.tasks import store_retry
 
 BREAKER = "payments.card"
 OUTAGE = {"breaker_timeout": 30.0, "breaker_success_threshold": 1, "payment_charge_deadline": 120.0}
@@ -143,18 +144,22 @@ def test_a_store_that_refuses_parks_makes_the_gate_stand_aside_and_loses_nothing
     assert all(charged[f"ord_acl_{n}"] == 1 for n in range(3))
 
 
-def test_a_retry_stored_in_one_script_is_celerys_own_and_never_overwrites_a_success(
+def test_a_state_stored_in_one_script_is_celerys_own_and_never_overwrites_a_success(
     make_app: Callable[..., Celery],
 ) -> None:
     app = make_app()
     backend = app.tasks["payments.charge"].backend
+    assert isinstance(backend, OneTripRedisBackend)
+    celerys_backend = RedisBackend(app=app, url=app.conf.result_backend)
     reason = ChargeRescheduled("order ord_1 deferral 1 (circuit payments.card open)")
     ours, celerys, done = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
 
-    store_retry(backend, Context(id=ours, task="payments.charge"), reason)
-    backend.mark_as_retry(celerys, reason, request=Context(id=celerys, task="payments.charge"))
+    backend.mark_as_retry(ours, reason, request=Context(id=ours, task="payments.charge"))
+    celerys_backend.mark_as_retry(
+        celerys, reason, request=Context(id=celerys, task="payments.charge")
+    )
     backend.mark_as_done(done, {"order_id": "ord_1"})
-    store_retry(backend, Context(id=done, task="payments.charge"), reason)
+    backend.mark_as_retry(done, reason, request=Context(id=done, task="payments.charge"))
 
     def meta(task_id: str) -> dict[str, Any]:
         stored = dict(backend.get_task_meta(task_id))
@@ -166,5 +171,6 @@ def test_a_retry_stored_in_one_script_is_celerys_own_and_never_overwrites_a_succ
     assert meta(ours) == meta(celerys)
     assert AsyncResult(ours, app=app).state == "RETRY"
     assert "deferral 1" in str(AsyncResult(ours, app=app).info)
-    assert AsyncResult(done, app=app).state == "SUCCESS"
-    assert 0 < backend.client.ttl(backend.get_key_for_task(ours)) <= int(backend.expires)
+    assert AsyncResult(done, app=app).state == "SUCCESS"  # a late RETRY did not replace it
+    key = backend.get_key_for_task(ours)
+    assert 0 < backend.client.ttl(key) <= int(backend.expires)

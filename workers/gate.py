@@ -125,7 +125,7 @@ class Gate:
             return False
         try:
             charge = parse_charge(_arguments(tuple(args), kwargs))
-        except ValueError:
+        except Exception:  # InvalidCharge, or arguments no charge has
             return False  # the pool fails it with InvalidCharge
         if charge.breaker_name not in rt.refusing:
             return False

@@ -9,9 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from celery import Task, shared_task, states
+from celery import Task, shared_task
 from celery.app.task import Context
-from celery.backends.redis import RedisBackend
 from celery.canvas import Signature
 from celery.exceptions import Ignore, Reject, Retry
 from celery.worker.request import Request
@@ -21,6 +20,7 @@ from workers.errors import ChargeRescheduled, InvalidCharge
 from workers.policy import PUBLISH_RETRY_WAITS
 from workers.publication import STORE_ERRORS, StoreUnavailable, read_state
 from workers.redaction import charge_reprs
+from workers.results import one_trip
 from workers.runtime import runtime
 from workers.validation import FIELDS, parse_charge
 
@@ -53,6 +53,15 @@ class ChargeTask(Task):  # type: ignore[misc]
     Request = RedactedRequest
     # Charges of a refusing breaker are parked as they arrive, before the pool (workers.gate).
     Strategy = "workers.gate:strategy"
+
+    @property
+    def backend(self) -> Any:
+        """Return the app's result backend; on Redis one that stores a state in one trip."""
+        return one_trip(Task.backend.fget(self))
+
+    @backend.setter
+    def backend(self, value: Any) -> None:
+        self._backend = value
 
     def reschedule(self, countdown: float, headers: dict[str, Any], reason: str) -> NoReturn:
         """Send this charge again after countdown seconds, with its progress in the headers.
@@ -132,7 +141,7 @@ def show_parked(
     """
     reschedule = ChargeRescheduled(reason)
     try:
-        store_retry(task.backend, request, reschedule)
+        task.backend.mark_as_retry(request.id, reschedule, request=request)
     except Exception as exc:
         log.warning("Charge task %s: RETRY state not stored (%s)", request.id,
                     type(exc).__name__)
@@ -146,41 +155,6 @@ def show_parked(
     except Exception as exc:
         log.warning("Charge task %s: retry event not sent (%s)", request.id,
                     type(exc).__name__)
-
-
-# KEYS[1] a task's result key; ARGV[1] its RETRY meta, ARGV[2] expiry (s, 0 for none).
-# Celery's RedisBackend.store_result in one round trip instead of a GET, then SET + PUBLISH:
-# as there, a SUCCESS already stored (a second copy of a charge) is kept.
-STORE_RETRY = """
-local current = redis.call('GET', KEYS[1])
-if current then
-  local ok, meta = pcall(cjson.decode, current)
-  if ok and type(meta) == 'table' and meta.status == 'SUCCESS' then return 0 end
-end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
-"""
-
-
-def store_retry(backend: Any, request: Context, reason: Exception) -> None:
-    """Store RETRY for request's task as backend.mark_as_retry does; one script on Redis."""
-    if type(backend) is not RedisBackend or backend.serializer != "json":
-        backend.mark_as_retry(request.id, reason, request=request)
-        return
-    result = backend.encode_result(reason, states.RETRY)
-    meta = backend._get_result_meta(
-        result=result, state=states.RETRY, traceback=None, request=request
-    )
-    meta["task_id"] = request.id
-    backend.client.eval(
-        STORE_RETRY, 1, backend.get_key_for_task(request.id), backend.encode(meta),
-        int(backend.expires or 0),
-    )
 
 
 def _jsonable(value: Any) -> Any:
