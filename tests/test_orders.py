@@ -54,6 +54,43 @@ def test_one_message_holds_the_order_and_a_redelivery_takes_it_back_under_a_new_
     assert taken.kind == "go"
 
 
+def test_begin_journals_the_callers_attempt_as_attempt_would_unless_another_key_is_pending(
+    book: OrderBook, redis_client: redis.Redis
+) -> None:
+    other = OrderBook(redis_client, result_ttl=3600, lock_ttl=5)
+    separate = "ord_book_separate"
+    request = parse_charge({**REQUEST.__dict__, "order_id": separate, "idempotency_key": KEY})
+    # The same attempt journaled in two steps, on another order, to compare with.
+    two_steps = other.begin(separate, "task-1:0", "task-1", KEY, 1000.0)
+    other.attempt(separate, "task-1:0", two_steps.fence, KEY, request, "task-1", 1000.0)
+
+    merged = book.begin(ORDER, "task-1:0", "task-1", KEY, 1000.0, attempt=REQUEST)
+    journal, expected = book.journal(ORDER), other.journal(separate)
+
+    assert merged.holds
+    assert merged.journaled_calls == 1
+    assert journal["pending"] == expected["pending"] == KEY
+    assert journal["calls"] == expected["calls"] == {"task-1": 1}
+    attempt, reference = journal["attempts"][KEY], expected["attempts"][KEY]
+    assert {**attempt, "request": None} == {**reference, "request": None}
+    assert attempt["request"] == {**reference["request"], "order_id": ORDER}
+    # The same key again (a redelivery): journaled again, as its attempt may be replayed.
+    again = book.begin(ORDER, "task-1:0", "task-1", KEY, 1001.0, attempt=REQUEST)
+    assert again.journaled_calls == 2
+    # Another message, another key: busy while task-1 holds the order; once it is free,
+    # taken but not journaled, since the pending attempt must settle first.
+    another = book.begin(ORDER, "task-2:0", "task-2", "key-2", 1002.0, attempt=REQUEST)
+    assert not another.holds
+    assert another.journaled_calls == 0
+    book.release(ORDER, "task-1:0", again.fence)
+    taken = book.begin(ORDER, "task-2:0", "task-2", "key-2", 1003.0, attempt=REQUEST)
+    assert taken.holds
+    assert taken.journaled_calls == 0
+    assert taken.pending is not None
+    assert taken.pending.key == KEY
+    assert book.journal(ORDER)["pending"] == KEY
+
+
 def test_a_lock_that_ran_out_with_nobody_taking_it_may_be_taken_back(
     book: OrderBook, redis_client: redis.Redis
 ) -> None:

@@ -118,6 +118,8 @@ class ChargeRun:
         self.rng = rng or random.Random()
         self.fence = 0
         self.journaled_receipt = False
+        # The key whose attempt _begin journaled with the lock, until _call uses it.
+        self.journaled_key: str | None = None
         self.expiring = False
         self.deadline = progress.first_received + self.settings.payment_charge_deadline
 
@@ -163,9 +165,11 @@ class ChargeRun:
     def _begin(self, permit: Permit | None) -> Begin:
         """Take the order; defer if the order book cannot be read or another message has it."""
         try:
+            # This charge's attempt is journaled with the lock when nothing stands before
+            # it: one round trip instead of two (see _call).
             book = self.orders.begin(
                 self.charge.order_id, self.holder, self.task_id, self.charge.idempotency_key,
-                time.time(),
+                time.time(), attempt=self.charge,
             )
         except STORE_ERRORS as exc:
             if permit is not None:
@@ -175,6 +179,9 @@ class ChargeRun:
         self._start_clock(book.first_received)
         self.fence = book.fence
         self._count_calls(book.calls)
+        if book.journaled_calls:
+            self.journaled_key = self.charge.idempotency_key
+            self._count_calls(book.journaled_calls)
         if book.busy_for:
             if permit is not None:
                 permit.release()
@@ -258,7 +265,10 @@ class ChargeRun:
         self, permit: Permit, request: ChargeRequest, key: str, *, own: bool
     ) -> ProviderAnswer:
         """Journal one attempt and call the provider; a failure or a refusal ends the run."""
-        self._journal(permit, request, key)
+        if self.journaled_key == key and self.fence:
+            self.journaled_key = None  # journaled by _begin, under the fence still held
+        else:
+            self._journal(permit, request, key)
         try:
             answer = self.rt.provider.charge(request, key)
         except ProviderRejection as exc:

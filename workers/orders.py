@@ -51,15 +51,36 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return ARGV[2]
 """
 
+# Journal an attempt with key (ATTEMPT, and BEGIN when asked): mark it unsettled and pending,
+# with its request, task and time; return the provider calls made by that task so far.
+JOURNAL = """
+local function journal(H, key, task, now, request)
+  local field = 'a:' .. key
+  local raw = redis.call('HGET', H, field)
+  local attempt = {calls = 0}
+  if raw then attempt = cjson.decode(raw) end
+  attempt.status = 'unsettled'
+  attempt.task = task
+  attempt.at = tonumber(now)
+  attempt.calls = (attempt.calls or 0) + 1
+  attempt.request = cjson.decode(request)
+  redis.call('HSET', H, 'pending', key, field, cjson.encode(attempt))
+  return redis.call('HINCRBY', H, 'att:' .. task, 1)
+end
+"""
+
 # KEYS[1] order hash, KEYS[2] lock; ARGV[1] holder, ARGV[2] lock TTL (ms), ARGV[3] task id,
-# ARGV[4] now (unix s), ARGV[5] hash TTL (ms), ARGV[6] the caller's Idempotency-Key.
+# ARGV[4] now (unix s), ARGV[5] hash TTL (ms), ARGV[6] the caller's Idempotency-Key,
+# ARGV[7] the request JSON of an attempt to journal at once if the caller may make it, or ''.
 # Reply, first receipt second:
 #   {'done', received, result, conflicts, status of the caller's key's attempt or ''}
 #                                                the order already succeeded
 #   {'busy', received, lock ms left}             another message holds the order
-#   {'go', received, fence, calls, pending key, pending attempt}  the caller holds it
-# A redelivered message takes its own lock back, under a new fence.
-BEGIN = """
+#   {'go', received, fence, calls, pending key, pending attempt, calls after journaling
+#    the attempt or 0}                           the caller holds it
+# A redelivered message takes its own lock back, under a new fence. The attempt is journaled
+# (as ATTEMPT would, the lock just taken) unless another key's attempt is pending.
+BEGIN = JOURNAL + """
 local H, L = KEYS[1], KEYS[2]
 local rcv_field = 'rcv:' .. ARGV[3]
 local rcv = redis.call('HGET', H, rcv_field)
@@ -83,8 +104,12 @@ redis.call('SET', L, ARGV[1] .. ' ' .. fence, 'PX', ARGV[2])
 local pending = redis.call('HGET', H, 'pending')
 local attempt = ''
 if pending then attempt = redis.call('HGET', H, 'a:' .. pending) or '' end
-return {'go', rcv, fence, tonumber(redis.call('HGET', H, 'att:' .. ARGV[3]) or 0),
-        pending or '', attempt}
+local calls = tonumber(redis.call('HGET', H, 'att:' .. ARGV[3]) or 0)
+local journaled = 0
+if ARGV[7] ~= '' and (not pending or pending == ARGV[6]) then
+  journaled = journal(H, ARGV[6], ARGV[3], ARGV[4], ARGV[7])
+end
+return {'go', rcv, fence, calls, pending or '', attempt, journaled}
 """
 
 # KEYS[1] order hash, KEYS[2] lock; ARGV[1] holder, ARGV[2] fence, ARGV[3] Idempotency-Key,
@@ -93,7 +118,7 @@ return {'go', rcv, fence, tonumber(redis.call('HGET', H, 'att:' .. ARGV[3]) or 0
 # Journal an attempt before the provider call, and renew the lock for that call.
 # Reply: {'go', calls by this task} | {'stale'} (the fence moved on: another message took
 # the order) | {'done', result} | {'pending', key} (another key's outcome is still unknown).
-ATTEMPT = """
+ATTEMPT = JOURNAL + """
 local H, L = KEYS[1], KEYS[2]
 local mine = ARGV[1] .. ' ' .. ARGV[2]
 local lock = redis.call('GET', L)
@@ -105,17 +130,7 @@ local result = redis.call('HGET', H, 'result')
 if result then return {'done', result} end
 local pending = redis.call('HGET', H, 'pending')
 if pending and pending ~= ARGV[3] then return {'pending', pending} end
-local field = 'a:' .. ARGV[3]
-local raw = redis.call('HGET', H, field)
-local attempt = {calls = 0}
-if raw then attempt = cjson.decode(raw) end
-attempt.status = 'unsettled'
-attempt.task = ARGV[5]
-attempt.at = tonumber(ARGV[6])
-attempt.calls = (attempt.calls or 0) + 1
-attempt.request = cjson.decode(ARGV[4])
-redis.call('HSET', H, 'pending', ARGV[3], field, cjson.encode(attempt))
-local calls = redis.call('HINCRBY', H, 'att:' .. ARGV[5], 1)
+local calls = journal(H, ARGV[3], ARGV[5], ARGV[6], ARGV[4])
 redis.call('SET', L, mine, 'PX', ARGV[7])
 redis.call('PEXPIRE', H, ARGV[8])
 return {'go', calls}
@@ -211,6 +226,9 @@ class Begin:
     fence: int = 0
     calls: int = 0
     pending: PendingAttempt | None = None
+    # The caller's attempt, journaled with the lock (begin(attempt=...)): the calls by its
+    # task after it; 0 if it was not journaled.
+    journaled_calls: int = 0
 
     @property
     def holds(self) -> bool:
@@ -277,12 +295,21 @@ class OrderBook:
         first = self._receive(keys=self.keys(order_id)[:1], args=[task_id, now, self._ttl_ms])
         return float(_text(first))
 
-    def begin(self, order_id: str, holder: str, task_id: str, key: str, now: float) -> Begin:
-        """Take the order for holder unless it already succeeded or another message has it."""
-        reply = self._begin(
-            keys=self.keys(order_id),
-            args=[holder, self._lock_ttl_ms, task_id, now, self._ttl_ms, key],
-        )
+    def begin(
+        self, order_id: str, holder: str, task_id: str, key: str, now: float,
+        attempt: ChargeRequest | None = None,
+    ) -> Begin:
+        """Take the order for holder unless it already succeeded or another message has it.
+
+        attempt: the request holder means to send with key; journaled with the lock (one
+        round trip instead of begin and attempt) unless another key's attempt is pending.
+        """
+        args = [holder, self._lock_ttl_ms, task_id, now, self._ttl_ms, key, ""]
+        if attempt is None:
+            reply = self._begin(keys=self.keys(order_id), args=args)
+        else:
+            args[-1] = json.dumps(_attempt_body(attempt, key))
+            reply = self._durably(self._begin, self.keys(order_id), args)
         kind, received = _text(reply[0]), float(_text(reply[1]))
         if kind == "done":
             return Begin(
@@ -295,13 +322,16 @@ class OrderBook:
             return Begin(received, busy_for=int(reply[2]) / 1000)
         pending = None
         if reply[4]:
-            attempt = json.loads(reply[5]) if reply[5] else {}
-            request = attempt.get("request")
+            earlier = json.loads(reply[5]) if reply[5] else {}
+            request = earlier.get("request")
             if isinstance(request, dict):
                 pending = PendingAttempt(
-                    _text(reply[4]), str(attempt.get("task", "")), ChargeRequest(**request)
+                    _text(reply[4]), str(earlier.get("task", "")), ChargeRequest(**request)
                 )
-        return Begin(received, fence=int(reply[2]), calls=int(reply[3]), pending=pending)
+        return Begin(
+            received, fence=int(reply[2]), calls=int(reply[3]), pending=pending,
+            journaled_calls=int(reply[6]),
+        )
 
     def attempt(
         self,
@@ -314,18 +344,11 @@ class OrderBook:
         now: float,
     ) -> Journaled:
         """Journal an attempt with key before it is sent, renewing the lock for the call."""
-        body = {
-            "order_id": request.order_id,
-            "amount": request.amount,
-            "currency": request.currency,
-            "payment_token": request.payment_token,
-            "payment_method": request.payment_method,
-            "idempotency_key": key,
-        }
+        body = json.dumps(_attempt_body(request, key))
         reply = self._durably(
             self._attempt,
             self.keys(order_id),
-            [holder, fence, key, json.dumps(body), task_id, now, self._lock_ttl_ms, self._ttl_ms],
+            [holder, fence, key, body, task_id, now, self._lock_ttl_ms, self._ttl_ms],
         )
         kind = _text(reply[0])
         if kind == "go":
@@ -422,3 +445,15 @@ def _list(value: Any) -> list[dict[str, Any]]:
     text = _text(value) if value else ""
     loaded = json.loads(text) if text else []
     return loaded if isinstance(loaded, list) else []
+
+
+def _attempt_body(request: ChargeRequest, key: str) -> dict[str, Any]:
+    """Return what the journal keeps of an attempt's request: enough to replay it."""
+    return {
+        "order_id": request.order_id,
+        "amount": request.amount,
+        "currency": request.currency,
+        "payment_token": request.payment_token,
+        "payment_method": request.payment_method,
+        "idempotency_key": key,
+    }
