@@ -48,11 +48,11 @@ from benchmarks.lab import (
     load,
     mb,
     progress,
-    rabbitmq_unavailable,
     wait_for,
 )
 from benchmarks.plain_charge import QUEUE as PLAIN_QUEUE
 from benchmarks.plain_charge import TASK as PLAIN_TASK
+from tests.rabbitmq import unavailable as rabbitmq_unavailable
 from workers.parking import INDEX_KEY
 from workers.sandbox import SandboxControl
 
@@ -485,7 +485,7 @@ def _run(args: argparse.Namespace) -> None:
         settings["PAYMENT_CHARGE_DEADLINE"] = f"{args.deadline:g}"
     print(f"started {datetime.now().isoformat(timespec='seconds')}; {load()}", flush=True)
     for kind in args.brokers:
-        if kind == "amqp" and (why := rabbitmq_unavailable()) is not None:
+        if kind == "amqp" and (why := rabbitmq_unavailable(vhosts=True)) is not None:
             print(f"\n[amqp] skipped: {why}", flush=True)
             continue
         if not {"throughput", "outage", "plain-outage"} & set(args.sections):

@@ -18,7 +18,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
@@ -29,8 +28,9 @@ from typing import Any, Literal
 
 import redis
 from celery import Celery
-from kombu import Connection, Exchange, Queue
+from kombu import Exchange, Queue
 
+from tests.rabbitmq import own_vhost
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +38,6 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # A queue no task is sent to: a worker started on it takes nothing until it is told to
 # consume its real queue, so that a whole batch is sent before the worker sees any of it.
 IDLE_QUEUE = "bench.idle"
-RABBITMQ = ("127.0.0.1", 5672)
-RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/{vhost}"
 
 BrokerKind = Literal["redis", "amqp"]
 
@@ -64,44 +62,6 @@ def progress(message: str) -> None:
 def load() -> str:
     """Return the machine's load averages, for the record: the figures depend on them."""
     return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def rabbitmq_unavailable() -> str | None:
-    """Return why the benchmark cannot use RabbitMQ on 127.0.0.1:5672, or None if it can."""
-    try:
-        with socket.create_connection(RABBITMQ, timeout=1):
-            pass
-    except OSError as exc:
-        return f"no RabbitMQ on 127.0.0.1:5672 ({exc})"
-    if shutil.which("rabbitmqctl") is None:
-        return "RabbitMQ answers but rabbitmqctl is not on PATH to make a vhost of our own"
-    try:
-        with Connection(RABBITMQ_URL.format(vhost=""), connect_timeout=2) as connection:
-            connection.ensure_connection(max_retries=1, timeout=2)
-    except Exception as exc:
-        return f"RabbitMQ on 127.0.0.1:5672 refuses guest/guest ({type(exc).__name__})"
-    return None
-
-
-def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60,
-                          check=False)
-
-
-@contextmanager
-def rabbitmq_vhost() -> Iterator[str]:
-    """Yield an amqp:// URL on a vhost of the benchmark's own; delete the vhost afterwards."""
-    vhost = f"pb-bench-{uuid.uuid4().hex[:12]}"
-    made = _rabbitmqctl("add_vhost", vhost)
-    if made.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl add_vhost failed: {made.stderr.strip()[:300]}")
-    try:
-        allowed = _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        if allowed.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl set_permissions failed: {allowed.stderr[:300]}")
-        yield RABBITMQ_URL.format(vhost=vhost)
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
 
 
 # --- Processes ------------------------------------------------------------------------------
@@ -421,7 +381,7 @@ def lab(broker_kind: BrokerKind) -> Iterator[Lab]:
         sandbox.start()
         backend_url = redis_server.url.rsplit("/", 1)[0] + "/1"
         if broker_kind == "amqp":
-            broker_url = stack.enter_context(rabbitmq_vhost())
+            broker_url = stack.enter_context(own_vhost("pb-bench"))
             (workdir / "bench_rabbitmq.py").write_text('task_default_queue_type = "quorum"\n')
         else:
             broker_url = redis_server.url

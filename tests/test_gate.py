@@ -6,7 +6,9 @@ the pool is told by Celery's task_prerun signal, sent only for a task that runs.
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,10 +21,11 @@ from celery.backends.redis import RedisBackend
 from celery.result import AsyncResult
 from celery.signals import task_prerun
 
-from tests.embedded import DEFERRED, RESULT_WAIT, Worker
+from tests.embedded import CHARGE, DEFERRED, RESULT_WAIT, Worker
 from tests.redis_server import RedisServer
 from tests.waiting import wait_until
 from workers.errors import ChargeRescheduled, InvalidCharge
+from workers.parking import Parking
 from workers.results import OneTripRedisBackend
 from workers.runtime import runtime
 from workers.sandbox import SandboxControl
@@ -174,3 +177,27 @@ def test_a_state_stored_in_one_script_is_celerys_own_and_never_overwrites_a_succ
     assert AsyncResult(done, app=app).state == "SUCCESS"  # a late RETRY did not replace it
     key = backend.get_key_for_task(ours)
     assert 0 < backend.client.ttl(key) <= int(backend.expires)
+
+
+def test_a_charge_sent_with_an_eta_is_parked_until_then_not_before(
+    start: Callable[..., Worker], redis_client: redis.Redis, ran: set[str],
+) -> None:
+    worker = start(**OUTAGE)
+    gate_open(worker)
+    parking = runtime(worker.app).parking
+    sent = time.time()
+
+    later = worker.app.send_task(
+        "payments.charge", kwargs={**CHARGE, "order_id": "ord_eta"}, countdown=60
+    )
+    wait_until(lambda: parking.count(BREAKER) == 2, RESULT_WAIT, "the charge parked")
+
+    assert later.id not in ran
+    due_key = Parking.keys(BREAKER)[0]
+    [(member, due)] = [
+        (m, score) for m, score in redis_client.zrange(due_key, 0, -1, withscores=True)
+        if later.id.encode() in m
+    ]
+    # Its eta, not the breaker's countdown alone (about 30 s here), decides when it is due.
+    assert sent + 60 - 1 <= due <= sent + 60 + 5
+    assert json.loads(member)["options"]["task_id"] == later.id

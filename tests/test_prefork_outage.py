@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import uuid
@@ -18,6 +17,7 @@ from celery.result import AsyncResult
 from kombu.connection import Connection
 
 from breaker import CircuitBreaker, RedisStore
+from tests import rabbitmq
 from tests.waiting import wait_until
 from tests.worker_process import WorkerProcess, charge_kwargs, web_client
 from workers.sandbox import SandboxControl, SandboxServer
@@ -31,7 +31,7 @@ CONCURRENCY = 2
 # Long against the publish interval, so the publisher has several chances to see HALF_OPEN.
 BREAKER_TIMEOUT = 1.0
 PUBLISH_INTERVAL = 0.2
-RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+RABBITMQ_URL = rabbitmq.DEFAULT_URL
 
 
 def worker_env(broker_url: str, redis_url: str, provider_url: str) -> dict[str, str]:
@@ -238,25 +238,10 @@ def test_outage_under_prefork_worker_charges_each_order_once_and_spares_the_prov
     )
 
 
-def rabbitmq_answers() -> str | None:
-    """Return why RabbitMQ on 127.0.0.1:5672 cannot be used, or None when it answers."""
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            pass
-    except OSError as exc:
-        return f"no RabbitMQ on 127.0.0.1:5672 ({exc})"
-    try:
-        with Connection(RABBITMQ_URL, connect_timeout=2) as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
-    except Exception as exc:
-        return f"RabbitMQ on 127.0.0.1:5672 refuses guest/guest ({type(exc).__name__}: {exc})"
-    return None
-
-
 @pytest.fixture
 def rabbitmq_queue() -> Iterator[str]:
     """Return a queue name of this test's own on the local RabbitMQ; delete it afterwards."""
-    reason = rabbitmq_answers()
+    reason = rabbitmq.unavailable()
     if reason:
         pytest.skip(reason)
     queue = f"pb-test-{uuid.uuid4().hex}"

@@ -6,8 +6,6 @@ Runs against the RabbitMQ on 127.0.0.1:5672 when one answers, in a vhost of the 
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 from celery import Celery
 from kombu import Connection
 
-from tests.test_prefork_outage import rabbitmq_answers
+from tests import rabbitmq
 from tests.waiting import wait_until
 from tests.worker_process import WorkerProcess, charge_kwargs, web_client
 from workers.sandbox import SandboxControl, SandboxServer
@@ -24,29 +22,17 @@ from workers.sandbox import SandboxControl, SandboxServer
 pytestmark = pytest.mark.slow
 
 
-def rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60,
-                          check=False)
-
-
 @pytest.fixture
 def rabbitmq_vhost() -> Iterator[str]:
     """Return an amqp:// URL on a vhost of this test's own; delete the vhost afterwards."""
-    reason = rabbitmq_answers()
+    reason = rabbitmq.unavailable(vhosts=True)
     if reason:
         pytest.skip(reason)
-    if shutil.which("rabbitmqctl") is None:
-        pytest.skip("RabbitMQ answers but rabbitmqctl is not on PATH to make a vhost for the test")
-    vhost = f"pb-test-{uuid.uuid4().hex[:12]}"
-    made = rabbitmqctl("add_vhost", vhost)
-    if made.returncode != 0:
-        pytest.skip(f"rabbitmqctl add_vhost failed: {made.stderr.strip()[:200]}")
     try:
-        allowed = rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        assert allowed.returncode == 0, allowed.stderr
-        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
+        with rabbitmq.own_vhost("pb-test") as url:
+            yield url
+    except rabbitmq.VhostError as exc:
+        pytest.skip(str(exc))
 
 
 def delayed(url: str) -> int:

@@ -117,7 +117,10 @@ class Gate:
             or delivery.get("redelivered") or headers.get("task") != self.task.name
         ):
             return False
-        payload = message.payload
+        try:
+            payload = message.payload
+        except Exception:  # content refused or undecodable: Celery reports it
+            return False
         if not isinstance(payload, list | tuple) or len(payload) != 3:
             return False  # not protocol 2: Celery converts it
         args, kwargs, embed = payload
