@@ -32,14 +32,14 @@ from typing import Any, NoReturn
 from celery import Celery, Task
 from celery.app.task import Context
 from celery.app.trace import LOG_RECEIVED
-from celery.utils.time import maybe_iso8601
+from celery.utils.imports import symbol_by_name
+from celery.worker.request import Request
 from celery.worker.strategy import default
 from kombu.message import Message
 
 from breaker.redis_core import STORE_ERRORS
 from workers.charging import ChargeRun, Progress
 from workers.errors import ChargeExpired
-from workers.redaction import charge_reprs
 from workers.runtime import Runtime, runtime
 from workers.tasks import Parked, _arguments, park_message, show_parked
 from workers.validation import parse_charge
@@ -82,6 +82,7 @@ class Gate:
         self.hostname = consumer.hostname
         self.revoked = consumer.controller.state.revoked
         self.connection_errors = consumer.connection_errors
+        self.Request = symbol_by_name(task.Request)
         eventer = consumer.event_dispatcher
         self.eventer = eventer if eventer and eventer.enabled and task.send_events else None
         self.paused_until = 0.0
@@ -123,7 +124,7 @@ class Gate:
             return False
         if not isinstance(payload, list | tuple) or len(payload) != 3:
             return False  # not protocol 2: Celery converts it
-        args, kwargs, embed = payload
+        args, kwargs, _ = payload
         if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
             return False
         try:
@@ -132,42 +133,28 @@ class Gate:
             return False  # the pool fails it with InvalidCharge
         if charge.breaker_name not in rt.refusing:
             return False
-        request = self._context(message, headers, args, kwargs, embed)
+        try:
+            # The request as the pool would see it, built by the task's own Request class.
+            received = self.Request(
+                message, app=self.app, hostname=self.hostname, task=self.task,
+                connection_errors=self.connection_errors, body=message.body,
+                headers=headers, decoded=False, utc=self.app.uses_utc_timezone(),
+            )
+        except Exception:  # an eta Celery cannot read: Celery reports the message
+            return False
+        request = received._context
         now = time.time()
         # Parked from here, the charge's clock starts now and travels in its headers.
         progress = replace(Progress.from_headers(request.headers, now), carried=True)
         run = ChargeRun(
-            rt, _Parker(self, request, _eta(headers)), request.id,
-            f"{request.id}:{request.retries}", charge, progress,
+            rt, _Parker(self, received), request.id, f"{request.id}:{request.retries}",
+            charge, progress,
         )
         try:
             run.park_if_refused()
         except Parked:
             return True
         return False
-
-    def _context(
-        self, message: Message, headers: dict[str, Any], args: Any, kwargs: Any, embed: Any
-    ) -> Context:
-        """Return the task request the pool would see for message (Celery's Request)."""
-        properties = message.properties or {}
-        delivery = message.delivery_info or {}
-        return Context(
-            headers,
-            **(embed or {}),
-            args=args,
-            kwargs=kwargs,
-            properties=properties,
-            reply_to=properties.get("reply_to"),
-            correlation_id=properties.get("correlation_id"),
-            hostname=self.hostname,
-            delivery_info={
-                "exchange": delivery.get("exchange"),
-                "routing_key": delivery.get("routing_key"),
-                "priority": properties.get("priority"),
-                "redelivered": delivery.get("redelivered", False),
-            },
-        )
 
     def send_event(self, request: Context, type_: str, **fields: Any) -> None:
         """Send a task event for request, as the worker's own would be sent."""
@@ -187,34 +174,35 @@ class Gate:
 class _Parker:
     """The task side of a ChargeRun for the gate: park and show, or leave it to the pool."""
 
-    def __init__(self, gate: Gate, request: Context, not_before: float | None) -> None:
+    def __init__(self, gate: Gate, received: Request) -> None:
         self.gate = gate
-        self.request = request
-        self.not_before = not_before
+        self.received = received
+        self.request = received._context
 
     def park(
         self, breaker: str, deadline: float, headers: dict[str, Any], reason: str,
         countdown: float,
     ) -> NoReturn:
-        gate, request = self.gate, self.request
-        if self.not_before is not None:
+        gate, received, request = self.gate, self.received, self.request
+        if received.eta is not None:
             # A countdown retry refused before it is due waits at least until then.
-            countdown = round(max(countdown, self.not_before - time.time()), 3)
+            countdown = round(max(countdown, received.eta.timestamp() - time.time()), 3)
+        # The task's Request redacted them (RedactedRequest); the parked message reuses them.
+        reprs = (received.argsrepr, received.kwargsrepr)
         try:
-            park_message(gate.task, request, breaker, deadline, headers, countdown)
+            park_message(gate.task, request, breaker, deadline, headers, countdown, reprs)
         except STORE_ERRORS as exc:
             gate.pause(exc)
             raise ToThePool() from None
-        argsrepr, kwargsrepr = charge_reprs(request.args or (), request.kwargs or {})
         if received_log.isEnabledFor(logging.INFO):
             # Celery's own line for a message received, as for every other charge.
-            context = {"id": request.id, "name": gate.task.name, "args": argsrepr,
-                       "kwargs": kwargsrepr, "eta": request.eta}
+            context = {"id": received.id, "name": received.name, "args": reprs[0],
+                       "kwargs": reprs[1], "eta": received.eta}
             received_log.info(LOG_RECEIVED, context, extra={"data": context})
         if gate.eventer is not None:
             gate.send_event(
-                request, "task-received", name=gate.task.name, args=argsrepr,
-                kwargs=kwargsrepr, root_id=request.root_id, parent_id=request.parent_id,
+                request, "task-received", name=received.name, args=reprs[0],
+                kwargs=reprs[1], root_id=received.root_id, parent_id=received.parent_id,
                 retries=request.retries, eta=None, expires=None,
             )
         show_parked(
@@ -226,13 +214,3 @@ class _Parker:
     def reschedule(self, countdown: float, headers: dict[str, Any], reason: str) -> NoReturn:
         raise ToThePool()
 
-
-def _eta(headers: dict[str, Any]) -> float | None:
-    """Return a message's eta as a unix time, None if it has none or it cannot be read."""
-    eta = headers.get("eta")
-    if not eta:
-        return None
-    try:
-        return float(maybe_iso8601(eta).timestamp())
-    except (TypeError, ValueError, AttributeError):
-        return None

@@ -108,10 +108,14 @@ class Parked(Exception):
 
 
 def next_message(
-    task: Task, request: Context, headers: dict[str, Any], countdown: float | None = None
+    task: Task, request: Context, headers: dict[str, Any], countdown: float | None = None,
+    reprs: tuple[str, str] | None = None,
 ) -> Signature:
-    """Return a charge's next message: its progress in the headers, reprs redacted."""
-    argsrepr, kwargsrepr = charge_reprs(request.args or (), request.kwargs or {})
+    """Return a charge's next message: its progress in the headers, reprs redacted.
+
+    reprs: the charge's redacted argsrepr and kwargsrepr, when the caller has them already.
+    """
+    argsrepr, kwargsrepr = reprs or charge_reprs(request.args or (), request.kwargs or {})
     return task.signature_from_request(
         request,
         countdown=countdown,
@@ -124,10 +128,10 @@ def next_message(
 
 def park_message(
     task: Task, request: Context, breaker: str, deadline: float, headers: dict[str, Any],
-    countdown: float,
+    countdown: float, reprs: tuple[str, str] | None = None,
 ) -> None:
     """Park a charge's next message on breaker for countdown seconds; raise if Redis fails."""
-    message = _jsonable(dict(next_message(task, request, headers)))
+    message = _jsonable(dict(next_message(task, request, headers, reprs=reprs)))
     runtime(task.app).parking.park(breaker, message, time.time() + countdown, deadline)
 
 
