@@ -7,6 +7,7 @@ the pool is told by Celery's task_prerun signal, sent only for a task that runs.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -201,3 +202,32 @@ def test_a_charge_sent_with_an_eta_is_parked_until_then_not_before(
     # Its eta, not the breaker's countdown alone (about 30 s here), decides when it is due.
     assert sent + 60 - 1 <= due <= sent + 60 + 5
     assert json.loads(member)["options"]["task_id"] == later.id
+
+
+def test_a_charge_parked_twice_as_after_a_lost_ack_is_charged_once(
+    start: Callable[..., Worker], sandbox: SandboxControl, ran: set[str],
+) -> None:
+    # A worker killed between a park and its ack: the message comes back and is parked
+    # again (here: sent again under the same task id), so two copies wait for the breaker.
+    worker = start(**OUTAGE)
+    gate_open(worker)
+    parking = runtime(worker.app).parking
+    first = worker.charge(order_id="ord_twice")
+    wait_until(lambda: parking.count(BREAKER) == 2, RESULT_WAIT, "the charge parked")
+    again = worker.app.send_task(
+        "payments.charge", kwargs={**CHARGE, "order_id": "ord_twice"}, task_id=first.id
+    )
+    wait_until(lambda: parking.count(BREAKER) == 3, RESULT_WAIT, "its second copy parked")
+    assert first.id not in ran
+
+    worker.breaker.reset()
+    result = again.get(timeout=RESULT_WAIT)
+    worker.logs.wait_for(re.compile(r"Charge ord_twice already succeeded"))
+
+    assert result["status"] == "succeeded"
+    ledger = sandbox.ledger()
+    assert ledger["charges_by_order"]["ord_twice"] == 1
+    assert result["charge_id"] == next(
+        c["id"] for c in ledger["charges"] if c["order_id"] == "ord_twice"
+    )
+    assert parking.count(BREAKER) == 0
