@@ -127,7 +127,9 @@ def test_a_store_that_refuses_parks_makes_the_gate_stand_aside_and_loses_nothing
     gate_open(worker)
     store = redis.Redis.from_url(spare_redis_server.url)
     # Parking runs ZADD in a script: denied, every park fails; the releaser's reads do not.
-    store.acl_setuser("default", commands=["-zadd"], reset=False)
+    # enabled=True: redis-py's default is False, which would switch the default user off and
+    # fail every connection opened after it.
+    store.acl_setuser("default", enabled=True, commands=["-zadd"], reset=False)
     try:
         tasks = [worker.charge(order_id=f"ord_acl_{n}") for n in range(3)]
         wait_until(lambda: {t.id for t in tasks} <= ran, RESULT_WAIT,
@@ -135,8 +137,11 @@ def test_a_store_that_refuses_parks_makes_the_gate_stand_aside_and_loses_nothing
         wait_until(lambda: all(t.state == "RETRY" for t in tasks), RESULT_WAIT,
                    "the pool to reschedule them with their countdown")
     finally:
-        store.acl_setuser("default", commands=["+zadd"], reset=False)
+        store.acl_setuser("default", enabled=True, commands=["+zadd"], reset=False)
         store.close()
+    # A new connection is still let in, as the worker's reconnects must be.
+    with redis.Redis.from_url(spare_redis_server.url) as fresh:
+        assert fresh.zadd("acl-check", {"m": 1}) == 1
 
     gate = [line for line in worker.logs.lines if "charge gate cannot park" in line]
     assert len(gate) == 1, gate  # once per pause, not once per charge
