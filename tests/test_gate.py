@@ -7,6 +7,7 @@ the pool is told by Celery's task_prerun signal, sent only for a task that runs.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -26,6 +27,7 @@ from tests.embedded import CHARGE, DEFERRED, RESULT_WAIT, Worker
 from tests.redis_server import RedisServer
 from tests.waiting import wait_until
 from workers.errors import ChargeRescheduled, InvalidCharge
+from workers.gate import RetryStates
 from workers.parking import Parking
 from workers.results import OneTripRedisBackend
 from workers.runtime import runtime
@@ -72,8 +74,9 @@ def test_charges_of_an_open_breaker_are_parked_without_running_and_charged_once_
     wait_until(lambda: parking.count(BREAKER) == 21, RESULT_WAIT, "21 charges parked")
 
     assert not ran & {t.id for t in tasks}, "a charge of an open breaker ran in the pool"
+    # Stored a batch at a time, on the worker's event loop, soon after the parks.
+    wait_until(lambda: all(t.state == "RETRY" for t in tasks), RESULT_WAIT, "RETRY stored")
     for task in tasks:
-        assert task.state == "RETRY"
         assert "deferral 1 (circuit payments.card open): not an attempt" in str(task.info)
     deferrals = worker.logs.wait_for(DEFERRED, count=21)
     assert {d["deferrals"] for d in deferrals} == {"1"}
@@ -178,11 +181,48 @@ def test_a_state_stored_in_one_script_is_celerys_own_and_never_overwrites_a_succ
         return {**stored, "result": (type(error), error.args)}
 
     assert meta(ours) == meta(celerys)
+    # The gate's batches: one round trip for many, each state Celery's own.
+    batched = str(uuid.uuid4())
+    backend.store_retries([
+        (batched, reason, Context(id=batched, task="payments.charge")),
+        (done, reason, Context(id=done, task="payments.charge")),
+    ])
+    assert meta(batched) == meta(celerys)
     assert AsyncResult(ours, app=app).state == "RETRY"
     assert "deferral 1" in str(AsyncResult(ours, app=app).info)
     assert AsyncResult(done, app=app).state == "SUCCESS"  # a late RETRY did not replace it
     key = backend.get_key_for_task(ours)
     assert 0 < backend.client.ttl(key) <= int(backend.expires)
+
+
+def test_a_batch_of_retry_states_the_backend_refuses_is_said_once_and_then_stored_again(
+    make_app: Callable[..., Celery], spare_redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="workers.charges")
+    app = make_app(result_backend=spare_redis_server.url)
+    task = app.tasks["payments.charge"]
+    states = RetryStates(task, hub=None)  # no event loop: each state is stored at once
+    reason = ChargeRescheduled("order ord_1 deferral 1 (circuit payments.card open)")
+    admin = redis.Redis.from_url(spare_redis_server.url)
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+
+    admin.acl_setuser("default", enabled=True, commands=["-eval"], reset=False)
+    try:
+        for task_id in ids[:2]:
+            states.add(Context(id=task_id, task="payments.charge"), reason)
+    finally:
+        admin.acl_setuser("default", enabled=True, commands=["+eval"], reset=False)
+    states.add(Context(id=ids[2], task="payments.charge"), reason)
+
+    said = [r.getMessage() for r in caplog.records if r.name == "workers.charges"]
+    assert said == [
+        "RETRY states of 1 parked charge(s) not stored (NoPermissionError); they are parked "
+        "all the same",
+        "RETRY states of parked charges are stored again",
+    ]
+    assert [AsyncResult(i, app=app).state for i in ids] == ["PENDING", "PENDING", "RETRY"]
+    admin.close()
 
 
 def test_a_charge_sent_with_an_eta_is_parked_until_then_not_before(

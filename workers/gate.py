@@ -14,6 +14,10 @@ charge. The gate decides as a charge arrives instead, in the consumer (ChargeTas
   (ChargeRun.park_if_refused), shown as a retry (RETRY state, task-received and task-retried
   events) and its message is acked. Otherwise the message goes on to Celery untouched.
 
+The RETRY states are stored in batches, one round trip for those of the last
+RETRY_FLUSH_SECONDS (on the worker's event loop; at once where it has none). They are for
+display: the park, which is what keeps the charge, is done before the ack, one by one.
+
 A message the gate is not sure of goes on to the pool, which decides with everything it
 knows: a redelivered message, one with expires, a revoked one, one past its deadline, one
 whose arguments do not parse, one of a breaker that would let it through. When Redis
@@ -39,9 +43,10 @@ from kombu.message import Message
 
 from breaker.redis_core import STORE_ERRORS
 from workers.charging import ChargeRun, Progress
-from workers.errors import ChargeExpired
+from workers.errors import ChargeExpired, ChargeRescheduled
+from workers.results import store_retries
 from workers.runtime import Runtime, runtime
-from workers.tasks import Parked, _arguments, park_message, show_parked
+from workers.tasks import Parked, _arguments, park_message, send_retried
 from workers.validation import parse_charge
 
 log = logging.getLogger("workers.charges")
@@ -50,6 +55,9 @@ received_log = logging.getLogger("celery.worker.strategy")
 
 # How long the gate stands aside after Redis refused to park a charge.
 PAUSE_SECONDS = 5.0
+# RETRY states wait at most this long, or for this many, to be stored together.
+RETRY_FLUSH_SECONDS = 0.02
+RETRY_BATCH = 200
 
 Handler = Callable[..., Any]
 
@@ -87,6 +95,7 @@ class Gate:
         self.eventer = eventer if eventer and eventer.enabled and task.send_events else None
         self.paused_until = 0.0
         self.failed_once = False
+        self.retries = RetryStates(task, getattr(consumer, "hub", None))
 
     def parks(self, message: Message, ack: Callable[..., Any]) -> bool:
         """Park message's charge if its breaker refuses it; return True if it did (acked).
@@ -171,6 +180,49 @@ class Gate:
         )
 
 
+class RetryStates:
+    """The RETRY states of charges the gate parked, stored a batch at a time.
+
+    hub: the worker's event loop, on which a batch is stored RETRY_FLUSH_SECONDS after its
+    first state; None (a pool without one) stores each state at once. A batch Redis refuses
+    is dropped with a warning, once until a batch is stored again: the charges are parked
+    all the same, and their next states (STARTED, SUCCESS) are stored as usual.
+    """
+
+    def __init__(self, task: Task, hub: Any) -> None:
+        self.task = task
+        self.hub = hub
+        self.waiting: list[tuple[str, BaseException, Context]] = []
+        self.failing = False
+
+    def add(self, request: Context, reason: BaseException) -> None:
+        """Store RETRY for request's task soon."""
+        self.waiting.append((request.id, reason, request))
+        if self.hub is None or len(self.waiting) >= RETRY_BATCH:
+            self.flush()
+        elif len(self.waiting) == 1:
+            self.hub.call_later(RETRY_FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        """Store the waiting states, in one round trip where the backend can."""
+        batch, self.waiting = self.waiting, []
+        if not batch:
+            return
+        try:
+            store_retries(self.task.backend, batch)
+        except Exception as exc:
+            if not self.failing:
+                log.warning(
+                    "RETRY states of %d parked charge(s) not stored (%s); they are parked "
+                    "all the same", len(batch), type(exc).__name__,
+                )
+            self.failing = True
+        else:
+            if self.failing:
+                log.info("RETRY states of parked charges are stored again")
+            self.failing = False
+
+
 class _Parker:
     """The task side of a ChargeRun for the gate: park and show, or leave it to the pool."""
 
@@ -205,9 +257,11 @@ class _Parker:
                 kwargs=reprs[1], root_id=received.root_id, parent_id=received.parent_id,
                 retries=request.retries, eta=None, expires=None,
             )
-        show_parked(
-            gate.task, request, lambda type_, **fields: gate.send_event(request, type_, **fields),
-            reason, countdown,
+        reschedule = ChargeRescheduled(reason)
+        gate.retries.add(request, reschedule)
+        send_retried(
+            request.id, lambda type_, **fields: gate.send_event(request, type_, **fields),
+            reschedule, countdown,
         )
         raise Parked()
 

@@ -5,11 +5,13 @@ state never overwrites a SUCCESS (a second copy of a task, a lost worker), and t
 it (SET and PUBLISH, pipelined). A charge stores STARTED and then SUCCESS, or RETRY when it is
 parked, so that is two round trips per state. OneTripRedisBackend does the same check and
 writes in one Lua script. The meta it stores, its expiry and the message published are
-Celery's own.
+Celery's own. store_retries stores the RETRY states of many parked charges in one round trip
+(the gate's, batched).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from celery import states
@@ -43,6 +45,29 @@ class OneTripRedisBackend(RedisBackend):  # type: ignore[misc]
     ) -> Any:
         if self.serializer != "json":
             return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+        self.ensure(self._store, self._stored(task_id, result, state, traceback, request))
+        return result
+
+    def store_retries(self, retries: Sequence[tuple[str, BaseException, Any]]) -> None:
+        """Store RETRY for each (task id, reason, request) in one round trip, or raise.
+
+        No retry on a connection error, unlike Celery's stores (up to 20 s of them): the
+        caller is the worker's event loop, which must not wait on a state meant for display.
+        """
+        if self.serializer != "json":
+            for task_id, reason, request in retries:
+                self.mark_as_retry(task_id, reason, request=request)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for task_id, reason, request in retries:
+            result = self.encode_result(reason, states.RETRY)
+            pipe.eval(STORE, 1, *self._stored(task_id, result, states.RETRY, None, request))
+        pipe.execute()
+
+    def _stored(
+        self, task_id: Any, result: Any, state: str, traceback: Any, request: Any
+    ) -> tuple[bytes, str, int]:
+        """Return the key, Celery's meta (JSON) and the expiry in s (0: none) of a state."""
         meta = self._get_result_meta(
             result=result, state=state, traceback=traceback, request=request
         )
@@ -53,11 +78,19 @@ class OneTripRedisBackend(RedisBackend):  # type: ignore[misc]
                 "value too large for Redis backend", state=state, task_id=task_id
             )
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        self.ensure(self._store, (self.get_key_for_task(task_id), value, expires))
-        return result
+        return self.get_key_for_task(task_id), value, int(expires or 0)
 
-    def _store(self, key: bytes, value: str, expires: float | None) -> Any:
-        return self.client.eval(STORE, 1, key, value, int(expires or 0))
+    def _store(self, key: bytes, value: str, expires: int) -> Any:
+        return self.client.eval(STORE, 1, key, value, expires)
+
+
+def store_retries(backend: Any, retries: Sequence[tuple[str, BaseException, Any]]) -> None:
+    """Store RETRY for each (task id, reason, request): in one round trip where it can."""
+    if isinstance(backend, OneTripRedisBackend):
+        backend.store_retries(retries)
+        return
+    for task_id, reason, request in retries:
+        backend.mark_as_retry(task_id, reason, request=request)
 
 
 def one_trip(backend: Any) -> Any:

@@ -149,6 +149,14 @@ def show_parked(
     except Exception as exc:
         log.warning("Charge task %s: RETRY state not stored (%s)", request.id,
                     type(exc).__name__)
+    send_retried(request.id, send_event, reschedule, countdown)
+
+
+def send_retried(
+    task_id: str, send_event: Callable[..., Any], reschedule: ChargeRescheduled,
+    countdown: float,
+) -> None:
+    """Send the task-retried event of a parked charge, as Celery's retry would (best effort)."""
     due = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=countdown)
     try:
         send_event(
@@ -157,8 +165,7 @@ def show_parked(
             traceback="", eta=due.isoformat(), retry=False,
         )
     except Exception as exc:
-        log.warning("Charge task %s: retry event not sent (%s)", request.id,
-                    type(exc).__name__)
+        log.warning("Charge task %s: retry event not sent (%s)", task_id, type(exc).__name__)
 
 
 def _jsonable(value: Any) -> Any:
