@@ -64,7 +64,7 @@ CONCURRENCY = 2
 CHARGES = 6_000
 TIMEOUT = 5.0
 # Throughput: pairs of rounds, each of about ROUND_SECONDS at the warm-up's pace.
-PAIRS = 3
+PAIRS = 5
 ROUND_SECONDS = 4.0
 ROUND_CHARGES = (500, 3_000)
 WARM_UP = 300

@@ -195,6 +195,25 @@ def test_a_state_stored_in_one_script_is_celerys_own_and_never_overwrites_a_succ
     assert 0 < backend.client.ttl(key) <= int(backend.expires)
 
 
+def test_a_started_state_stored_by_its_thread_never_lands_after_the_next_state(
+    make_app: Callable[..., Celery],
+) -> None:
+    backend = make_app().tasks["payments.charge"].backend
+    reason = ChargeRescheduled("order ord_1 deferral 1 (circuit payments.card open)")
+    ids = [str(uuid.uuid4()) for _ in range(50)]
+    for task_id in ids:
+        request = Context(id=task_id, task="payments.charge")
+        # As Celery's trace does: STARTED, then at once the state the run ended in.
+        backend.store_result(task_id, {"pid": 1, "hostname": "w"}, "STARTED", request=request)
+        backend.mark_as_retry(task_id, reason, request=request)
+    assert {backend.get_task_meta(task_id)["status"] for task_id in ids} == {"RETRY"}
+    started = str(uuid.uuid4())
+    backend.store_result(started, {"pid": 1}, "STARTED",
+                         request=Context(id=started, task="payments.charge"))
+    wait_until(lambda: backend.get_task_meta(started)["status"] == "STARTED", RESULT_WAIT,
+               "STARTED stored by its thread")
+
+
 def test_a_batch_of_retry_states_the_backend_refuses_is_said_once_and_then_stored_again(
     make_app: Callable[..., Celery], spare_redis_server: RedisServer,
     caplog: pytest.LogCaptureFixture,

@@ -7,11 +7,19 @@ parked, so that is two round trips per state. OneTripRedisBackend does the same 
 writes in one Lua script. The meta it stores, its expiry and the message published are
 Celery's own. store_retries stores the RETRY states of many parked charges in one round trip
 (the gate's, batched).
+
+STARTED, stored by Celery before the task runs, is sent from a thread of the process's own
+while the charge goes on (its BEGIN, its provider call): the charge no longer waits a round
+trip for a state that is only shown. Every later state stored by the process first waits for
+that STARTED, so states still land in the order Celery stores them.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from celery import states
@@ -36,6 +44,30 @@ return 1
 """
 
 
+log = logging.getLogger("workers.results")
+
+
+class _StartedStores:
+    """This process's thread that stores STARTED states, and the last one it was given."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="started-states")
+        self.last: Future[None] | None = None
+        self.failing = False
+
+
+_started: _StartedStores | None = None
+
+
+def _started_stores() -> _StartedStores:
+    """Return this process's STARTED thread, made again in a process forked from another."""
+    global _started
+    if _started is None or _started.pid != os.getpid():
+        _started = _StartedStores()
+    return _started
+
+
 class OneTripRedisBackend(RedisBackend):  # type: ignore[misc]
     """RedisBackend whose task state stores are one script each (JSON results only)."""
 
@@ -45,8 +77,32 @@ class OneTripRedisBackend(RedisBackend):  # type: ignore[misc]
     ) -> Any:
         if self.serializer != "json":
             return super()._store_result(task_id, result, state, traceback, request, **kwargs)
-        self.ensure(self._store, self._stored(task_id, result, state, traceback, request))
+        stored = self._stored(task_id, result, state, traceback, request)
+        stores = _started_stores()
+        if state == states.STARTED:
+            stores.last = stores.thread.submit(self._store_started, stores, stored)
+            return result
+        self._wait_for_started(stores)
+        self.ensure(self._store, stored)
         return result
+
+    def _store_started(self, stores: _StartedStores, stored: tuple[bytes, str, int]) -> None:
+        try:
+            self.ensure(self._store, stored)
+        except Exception as exc:  # shown only: the charge goes on without it
+            if not stores.failing:
+                log.warning("STARTED state not stored (%s)", type(exc).__name__)
+            stores.failing = True
+        else:
+            stores.failing = False
+
+    @staticmethod
+    def _wait_for_started(stores: _StartedStores) -> None:
+        # Never cleared: in a threads pool another task's STARTED may be the last one now,
+        # and one thread runs them in order, so waiting for the last waits for all before it.
+        last = stores.last
+        if last is not None:
+            last.result()  # _store_started raises nothing
 
     def store_retries(self, retries: Sequence[tuple[str, BaseException, Any]]) -> None:
         """Store RETRY for each (task id, reason, request) in one round trip, or raise.
@@ -58,6 +114,7 @@ class OneTripRedisBackend(RedisBackend):  # type: ignore[misc]
             for task_id, reason, request in retries:
                 self.mark_as_retry(task_id, reason, request=request)
             return
+        self._wait_for_started(_started_stores())
         pipe = self.client.pipeline(transaction=False)
         for task_id, reason, request in retries:
             result = self.encode_result(reason, states.RETRY)
