@@ -13,7 +13,6 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from breaker import CircuitState
-from tests.redis_server import RedisServer
 from tests.waiting import wait_until
 from workers.parking import INDEX_KEY, Parking, Releaser
 from workers.runtime import forget
@@ -102,31 +101,6 @@ def test_one_releaser_at_a_time_per_breaker(redis_client: redis.Redis) -> None:
 
     assert seen_by_second == []
     assert first.count(BREAKER) == 0
-
-
-def test_parks_sent_together_each_say_whether_redis_took_them(
-    spare_redis_server: RedisServer,
-) -> None:
-    admin = redis.Redis.from_url(spare_redis_server.url)
-    # A user that may write the card breaker's parked charges and the index, not the wallet's.
-    admin.acl_setuser(
-        "parker", enabled=True, passwords=["+parker-pw"], commands=["+@all"],
-        keys=["payments:parked:{payments.card}*", INDEX_KEY],
-    )
-    client = redis.Redis(port=spare_redis_server.port, username="parker", password="parker-pw")
-    parking = Parking(client)
-    parks = [(breaker, message(n), NOW + 5, NOW + 900)
-             for n, breaker in enumerate([BREAKER, "payments.wallet", BREAKER])]
-
-    errors = parking.park_many(parks)
-
-    assert errors[0] is None
-    assert isinstance(errors[1], redis.exceptions.NoPermissionError)
-    assert errors[2] is None
-    assert parking.count(BREAKER) == 2  # both card parks took, whatever the wallet's did
-    assert admin.zcard("payments:parked:{payments.wallet}") == 0
-    client.close()
-    admin.close()
 
 
 def test_the_same_charge_parked_twice_is_one_member(parking: Parking) -> None:

@@ -14,12 +14,9 @@ charge. The gate decides as a charge arrives instead, in the consumer (ChargeTas
   (ChargeRun.park_if_refused), shown as a retry (RETRY state, task-received and task-retried
   events) and its message is acked. Otherwise the message goes on to Celery untouched.
 
-The gate holds the charges it will park, unacked, for up to PARK_FLUSH_SECONDS on the
-worker's event loop (or until the prefetch window is full), then parks them in one round trip
-and only then shows and acks each. A charge whose park Redis refused goes on to Celery's own
-handler. If the worker dies before that, the messages were never acked: kombu restores them.
-Their RETRY states are stored together too, one round trip per batch. Where the worker has no
-event loop, each charge is parked at once.
+The RETRY states are stored in batches, one round trip for those of the last
+RETRY_FLUSH_SECONDS (on the worker's event loop; at once where it has none). They are for
+display: the park, which is what keeps the charge, is done before the ack, one by one.
 
 A message the gate is not sure of goes on to the pool, which decides with everything it
 knows: a redelivered message, one with expires, a revoked one, one past its deadline, one
@@ -33,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, NoReturn
 
 from celery import Celery, Task
@@ -49,7 +46,7 @@ from workers.charging import ChargeRun, Progress
 from workers.errors import ChargeExpired, ChargeRescheduled
 from workers.results import store_retries
 from workers.runtime import Runtime, runtime
-from workers.tasks import Parked, _arguments, parked_message, send_retried
+from workers.tasks import Parked, _arguments, park_message, send_retried
 from workers.validation import parse_charge
 
 log = logging.getLogger("workers.charges")
@@ -61,9 +58,6 @@ PAUSE_SECONDS = 5.0
 # RETRY states wait at most this long, or for this many, to be stored together.
 RETRY_FLUSH_SECONDS = 0.02
 RETRY_BATCH = 200
-# Charges to park wait at most this long, or for this many, to be parked together.
-PARK_FLUSH_SECONDS = 0.01
-PARK_BATCH = 100
 
 Handler = Callable[..., Any]
 
@@ -71,12 +65,12 @@ Handler = Callable[..., Any]
 def strategy(task: Task, app: Celery, consumer: Any, **options: Any) -> Handler:
     """Return Celery's message handler for task, with the gate in front of it."""
     handle = default(task, app, consumer, **options)
-    gate = Gate(task, app, consumer, handle)
+    gate = Gate(task, app, consumer)
 
     def task_message_handler(
         message: Message, body: Any, ack: Any, reject: Any, callbacks: Any, **more: Any
     ) -> Any:
-        if gate.takes(message, (message, body, ack, reject, callbacks), more):
+        if gate.parks(message, ack):
             return None
         return handle(message, body, ack, reject, callbacks, **more)
 
@@ -90,13 +84,9 @@ class ToThePool(Exception):
 class Gate:
     """Park, before the pool, the charges whose breaker refuses calls."""
 
-    def __init__(self, task: Task, app: Celery, consumer: Any, handle: Handler) -> None:
+    def __init__(self, task: Task, app: Celery, consumer: Any) -> None:
         self.task = task
         self.app = app
-        self.handle = handle  # Celery's own handler, for the charges the gate gives back
-        self.hub = getattr(consumer, "hub", None)
-        self.qos = getattr(consumer, "qos", None)
-        self.held: list[_Held] = []
         self.hostname = consumer.hostname
         self.revoked = consumer.controller.state.revoked
         self.connection_errors = consumer.connection_errors
@@ -105,68 +95,31 @@ class Gate:
         self.eventer = eventer if eventer and eventer.enabled and task.send_events else None
         self.paused_until = 0.0
         self.failed_once = False
-        self.retries = RetryStates(task, self.hub)
+        self.retries = RetryStates(task, getattr(consumer, "hub", None))
 
-    def takes(self, message: Message, args: tuple[Any, ...], more: dict[str, Any]) -> bool:
-        """Take message to park if its breaker refuses its charge; return True if it did.
+    def parks(self, message: Message, ack: Callable[..., Any]) -> bool:
+        """Park message's charge if its breaker refuses it; return True if it did (acked).
 
-        args, more: what Celery gave the handler (message, body, ack, reject, callbacks, and
-        keywords), to ack the message once parked or to hand it on to Celery's handler.
+        ack: what Celery gave the handler to ack message with (soon, on the event loop).
         """
         rt = runtime(self.app)
         if not rt.refusing or time.monotonic() < self.paused_until:
             return False
         try:
-            return self._park(rt, message, (args, more))
+            parked = self._park(rt, message)
         except (ToThePool, ChargeExpired):
             return False  # ChargeExpired: the deadline came meanwhile; the pool settles it
         except Exception:
-            self._failed()
+            # A bug here must not stop charges: the pool takes them, and it is said once.
+            if not self.failed_once:
+                log.exception("The charge gate failed; charges go on to the pool")
+                self.failed_once = True
             return False
+        if parked:
+            ack(log, self.connection_errors)
+        return parked
 
-    def hold(self, held: _Held) -> None:
-        """Hold a charge to park with the next batch (at once without an event loop)."""
-        self.held.append(held)
-        window = getattr(self.qos, "value", 0) or PARK_BATCH
-        if self.hub is None or len(self.held) >= min(window, PARK_BATCH):
-            self.flush()
-        elif len(self.held) == 1:
-            self.hub.call_later(PARK_FLUSH_SECONDS, self.flush)
-
-    def flush(self) -> None:
-        """Park the held charges in one round trip; show and ack each, or hand it on."""
-        held, self.held = self.held, []
-        if not held:
-            return
-        parking = runtime(self.app).parking
-        errors: list[Exception | None]
-        try:
-            errors = parking.park_many([(h.breaker, h.message, h.due, h.deadline) for h in held])
-        except STORE_ERRORS as exc:
-            errors = [exc] * len(held)
-        refused = [error for error in errors if error is not None]
-        if refused:
-            self.pause(refused[0])
-        for one, error in zip(held, errors, strict=True):
-            try:
-                if error is None:
-                    one.parker.show(one)
-                    one.args[2](log, self.connection_errors)  # ack: parked
-                else:
-                    self.handle(*one.args, **one.more)
-            except Exception:
-                self._failed()
-        self.retries.flush()
-
-    def _failed(self) -> None:
-        # A bug here must not stop charges: the pool takes them, and it is said once.
-        if not self.failed_once:
-            log.exception("The charge gate failed; charges go on to the pool")
-            self.failed_once = True
-
-    def _park(
-        self, rt: Runtime, message: Message, handed: tuple[tuple[Any, ...], dict[str, Any]]
-    ) -> bool:
+    def _park(self, rt: Runtime, message: Message) -> bool:
         headers = message.headers or {}
         delivery = message.delivery_info or {}
         if (
@@ -203,8 +156,8 @@ class Gate:
         # Parked from here, the charge's clock starts now and travels in its headers.
         progress = replace(Progress.from_headers(request.headers, now), carried=True)
         run = ChargeRun(
-            rt, _Parker(self, received, *handed), request.id,
-            f"{request.id}:{request.retries}", charge, progress,
+            rt, _Parker(self, received), request.id, f"{request.id}:{request.retries}",
+            charge, progress,
         )
         try:
             run.park_if_refused()
@@ -270,53 +223,29 @@ class RetryStates:
             self.failing = False
 
 
-@dataclass
-class _Held:
-    """A charge the gate will park with its batch, and how to show or hand it on after."""
-
-    parker: _Parker
-    args: tuple[Any, ...]  # what Celery gave the handler: message, body, ack, reject, ...
-    more: dict[str, Any]
-    breaker: str
-    message: dict[str, Any]
-    due: float
-    deadline: float
-    reason: str
-    countdown: float
-
-
 class _Parker:
     """The task side of a ChargeRun for the gate: park and show, or leave it to the pool."""
 
-    def __init__(
-        self, gate: Gate, received: Request, args: tuple[Any, ...], more: dict[str, Any]
-    ) -> None:
+    def __init__(self, gate: Gate, received: Request) -> None:
         self.gate = gate
         self.received = received
         self.request = received._context
-        self.args = args
-        self.more = more
 
     def park(
         self, breaker: str, deadline: float, headers: dict[str, Any], reason: str,
         countdown: float,
     ) -> NoReturn:
-        received = self.received
+        gate, received, request = self.gate, self.received, self.request
         if received.eta is not None:
             # A countdown retry refused before it is due waits at least until then.
             countdown = round(max(countdown, received.eta.timestamp() - time.time()), 3)
         # The task's Request redacted them (RedactedRequest); the parked message reuses them.
-        message = parked_message(
-            self.gate.task, self.request, headers, (received.argsrepr, received.kwargsrepr)
-        )
-        self.gate.hold(_Held(self, self.args, self.more, breaker, message,
-                             time.time() + countdown, deadline, reason, countdown))
-        raise Parked()
-
-    def show(self, held: _Held) -> None:
-        """Show a parked charge as received and retried: log line, events, RETRY state."""
-        gate, received, request = self.gate, self.received, self.request
         reprs = (received.argsrepr, received.kwargsrepr)
+        try:
+            park_message(gate.task, request, breaker, deadline, headers, countdown, reprs)
+        except STORE_ERRORS as exc:
+            gate.pause(exc)
+            raise ToThePool() from None
         if received_log.isEnabledFor(logging.INFO):
             # Celery's own line for a message received, as for every other charge.
             context = {"id": received.id, "name": received.name, "args": reprs[0],
@@ -328,12 +257,14 @@ class _Parker:
                 kwargs=reprs[1], root_id=received.root_id, parent_id=received.parent_id,
                 retries=request.retries, eta=None, expires=None,
             )
-        reschedule = ChargeRescheduled(held.reason)
+        reschedule = ChargeRescheduled(reason)
         gate.retries.add(request, reschedule)
         send_retried(
             request.id, lambda type_, **fields: gate.send_event(request, type_, **fields),
-            reschedule, held.countdown,
+            reschedule, countdown,
         )
+        raise Parked()
 
     def reschedule(self, countdown: float, headers: dict[str, Any], reason: str) -> NoReturn:
         raise ToThePool()
+

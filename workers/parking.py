@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,32 +133,6 @@ class Parking:
         self._park(keys=self.keys(breaker)[:2], args=args)
         # On a Cluster, another slot than the sets': a command of its own.
         self._client.sadd(INDEX_KEY, breaker)
-
-    def park_many(
-        self, parks: Sequence[tuple[str, dict[str, Any], float, float]]
-    ) -> list[Exception | None]:
-        """Park several charges (breaker, message, due, deadline) in one round trip.
-
-        Return, for each, None if it is parked or the error Redis gave it; raise if the
-        round trip itself failed (none is parked then). On a Cluster, one park at a time.
-        """
-        if not self._one_script:
-            done: list[Exception | None] = []
-            for park in parks:
-                try:
-                    self.park(*park)
-                except redis.RedisError as exc:
-                    done.append(exc)
-                else:
-                    done.append(None)
-            return done
-        pipe = self._client.pipeline(transaction=False)
-        for breaker, message, due, deadline in parks:
-            member = json.dumps(message, sort_keys=True)
-            self._park(keys=[*self.keys(breaker)[:2], INDEX_KEY],
-                       args=[member, due, max(due, deadline), breaker], client=pipe)
-        replies = pipe.execute(raise_on_error=False)
-        return [reply if isinstance(reply, Exception) else None for reply in replies]
 
     def breakers(self) -> list[str]:
         """Return the breakers with parked charges."""

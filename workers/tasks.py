@@ -131,16 +131,8 @@ def park_message(
     countdown: float, reprs: tuple[str, str] | None = None,
 ) -> None:
     """Park a charge's next message on breaker for countdown seconds; raise if Redis fails."""
-    message = parked_message(task, request, headers, reprs)
+    message = _jsonable(dict(next_message(task, request, headers, reprs=reprs)))
     runtime(task.app).parking.park(breaker, message, time.time() + countdown, deadline)
-
-
-def parked_message(
-    task: Task, request: Context, headers: dict[str, Any], reprs: tuple[str, str] | None = None,
-) -> dict[str, Any]:
-    """Return a charge's next message as it is parked (JSON, sent again as it is)."""
-    message: dict[str, Any] = _jsonable(dict(next_message(task, request, headers, reprs=reprs)))
-    return message
 
 
 def show_parked(
