@@ -12,6 +12,13 @@ visibility timeout, instead of leaking a prefetch slot.
 They also keep one Redis client per channel where kombu builds one for every command it
 sends (each unacked record, ack and event publish): about 150 us of Python per client,
 four times per message in the worker's main process.
+
+And they record a message as unacked once the consumer's callback has returned, not before:
+a message acked in the callback (a charge the gate parked, workers/gate.py) then costs no
+record and no removal, two round trips of four. The window in which a worker killed loses a
+message it has taken off the queue is kombu's own (BRPOP, then the record), one callback
+longer; a message the callback sent to the pool is recorded before the pool can ack it,
+since acks are handled on the same event loop, after the callback.
 """
 
 from __future__ import annotations
@@ -62,15 +69,39 @@ def refuses_writes(exc: BaseException) -> bool:
 class QoS(kombu_redis.QoS):
     """kombu's Redis ack emulation, keeping messages that arrive while the broker is full."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Delivered messages whose unacked record is not written yet (during the callback).
+        self._unrecorded: dict[str, Any] = {}
+
     def append(self, message: Any, delivery_tag: str) -> None:
         """Record a delivered message as unacked, over maxmemory if need be."""
+        self._record(message, delivery_tag)
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def append_unrecorded(self, message: Any, delivery_tag: str) -> None:
+        """Count a message as delivered; record() writes its record unless acked before."""
+        virtual.QoS.append(self, message, delivery_tag)
+        self._unrecorded[delivery_tag] = message
+
+    def record(self, delivery_tag: str) -> None:
+        """Write the unacked record of a message append_unrecorded took, if still unacked."""
+        message = self._unrecorded.pop(delivery_tag, None)
+        if message is not None:
+            self._record(message, delivery_tag)
+
+    def _record(self, message: Any, delivery_tag: str) -> None:
+        delivery = message.delivery_info
+        payload = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
         try:
-            super().append(message, delivery_tag)
+            with self.pipe_or_acquire() as pipe:
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(
+                    self.unacked_key, delivery_tag, payload
+                ).execute()
         except redis.RedisError as exc:
             if not refuses_writes(exc):
                 raise
-            self._record_over_maxmemory(message, delivery_tag)
-            virtual.QoS.append(self, message, delivery_tag)
+            self._eval(RECORD_UNACKED, delivery_tag, time.time(), payload)
             log.warning(
                 "Broker refuses writes (%s); message %s recorded as unacked anyway so that "
                 "it is not lost", type(exc).__name__, delivery_tag,
@@ -78,6 +109,9 @@ class QoS(kombu_redis.QoS):
 
     def ack(self, delivery_tag: str) -> None:
         """Forget an acked message's record, outside a transaction if the broker is full."""
+        if self._unrecorded.pop(delivery_tag, None) is not None:
+            virtual.QoS.ack(self, delivery_tag)  # acked before it was recorded: nothing to remove
+            return
         try:
             super().ack(delivery_tag)
         except redis.RedisError as exc:
@@ -88,6 +122,7 @@ class QoS(kombu_redis.QoS):
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         """Reject a message; a requeue the broker refuses leaves it for the visibility timeout."""
+        self.record(delivery_tag)  # rejected in the callback: requeued from its record
         if not requeue:
             try:
                 super().reject(delivery_tag, requeue=False)
@@ -109,6 +144,12 @@ class QoS(kombu_redis.QoS):
             )
         virtual.QoS.ack(self, delivery_tag)
 
+    def restore_unacked(self, client: Any = None) -> None:
+        """Restore every message delivered and not acked, those not yet recorded included."""
+        for tag in list(self._unrecorded):
+            self.record(tag)
+        super().restore_unacked(client)
+
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
         """Restore messages past the visibility timeout; wait while the broker refuses writes."""
         try:
@@ -120,11 +161,6 @@ class QoS(kombu_redis.QoS):
                 "Broker refuses writes (%s); unacked messages are restored once it accepts "
                 "them again", type(exc).__name__,
             )
-
-    def _record_over_maxmemory(self, message: Any, delivery_tag: str) -> None:
-        delivery = message.delivery_info
-        payload = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        self._eval(RECORD_UNACKED, delivery_tag, time.time(), payload)
 
     def _eval(self, script: str, *args: Any) -> None:
         with self.channel.conn_or_acquire() as client:
@@ -146,6 +182,9 @@ class _OneClient:
 
     _sync_client: Any = None
     pool: Any
+    qos: QoS
+    connection: Any
+    Message: Any
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
@@ -155,6 +194,29 @@ class _OneClient:
         if client is None or client.connection_pool is not pool:
             client = self._sync_client = super()._create_client()  # type: ignore[misc]
         return client
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
+    ) -> Any:
+        """Consume from queue, recording each message as unacked after callback returns."""
+        result = super().basic_consume(  # type: ignore[misc]
+            queue, no_ack, callback, consumer_tag, **kwargs
+        )
+        if no_ack:
+            return result
+
+        def _callback(raw_message: Any) -> Any:
+            # kombu's callback (virtual.Channel.basic_consume), with the record after it.
+            message = self.Message(raw_message, channel=self)
+            tag = message.delivery_tag
+            self.qos.append_unrecorded(message, tag)
+            try:
+                return callback(message)
+            finally:
+                self.qos.record(tag)
+
+        self.connection._callbacks[queue] = _callback
+        return result
 
 
 class Channel(_OneClient, kombu_redis.Channel):

@@ -70,7 +70,7 @@ def strategy(task: Task, app: Celery, consumer: Any, **options: Any) -> Handler:
     def task_message_handler(
         message: Message, body: Any, ack: Any, reject: Any, callbacks: Any, **more: Any
     ) -> Any:
-        if gate.parks(message, ack):
+        if gate.parks(message):
             return None
         return handle(message, body, ack, reject, callbacks, **more)
 
@@ -97,10 +97,12 @@ class Gate:
         self.failed_once = False
         self.retries = RetryStates(task, getattr(consumer, "hub", None))
 
-    def parks(self, message: Message, ack: Callable[..., Any]) -> bool:
+    def parks(self, message: Message) -> bool:
         """Park message's charge if its breaker refuses it; return True if it did (acked).
 
-        ack: what Celery gave the handler to ack message with (soon, on the event loop).
+        The message is acked here and now, not on the event loop's next turn as Celery's
+        ack would: on a Redis broker, a message acked during its delivery is never recorded
+        as unacked (workers/broker.py), which saves two round trips per parked charge.
         """
         rt = runtime(self.app)
         if not rt.refusing or time.monotonic() < self.paused_until:
@@ -116,7 +118,7 @@ class Gate:
                 self.failed_once = True
             return False
         if parked:
-            ack(log, self.connection_errors)
+            message.ack_log_error(log, self.connection_errors)  # type: ignore[no-untyped-call]
         return parked
 
     def _park(self, rt: Runtime, message: Message) -> bool:
