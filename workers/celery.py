@@ -22,6 +22,9 @@ PUBLISHER_QUEUE = "breaker"
 # Countdown tasks a worker holds at once unless worker_eta_task_limit says otherwise:
 # about 20 KB each (a held message, its request, its timer entry).
 ETA_TASK_LIMIT = 1000
+# Celery's worker consumer, and ours in its place unless another is configured.
+CELERY_CONSUMER = "celery.worker.consumer:Consumer"
+CONSUMER = "workers.consumer:Consumer"
 # The broker when neither CELERY_BROKER_URL nor a config module names one.
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
@@ -111,6 +114,10 @@ def configure(app: Celery) -> Settings:
         task_reject_on_worker_lost=True,
         worker_send_task_events=True,
         task_track_started=True,
+        # Task events sent a few milliseconds' worth at a time (workers.consumer).
+        worker_consumer=(
+            CONSUMER if app.conf.worker_consumer == CELERY_CONSUMER else app.conf.worker_consumer
+        ),
         broker_connection_retry_on_startup=True,
         # Countdown tasks (backoff retries, busy orders) held by a worker at once: each also
         # holds a prefetch slot, so beyond this many the rest wait in the queue, where the
