@@ -34,6 +34,7 @@ from workers.runtime import runtime
 from workers.sandbox import SandboxControl
 
 BREAKER = "payments.card"
+RELEASED_HALF_OPEN = re.compile(r"Released \d+ parked charge\(s\) of payments\.card \(half_open\)")
 OUTAGE = {"breaker_timeout": 30.0, "breaker_success_threshold": 1, "payment_charge_deadline": 120.0}
 
 
@@ -297,3 +298,38 @@ def test_a_charge_parked_twice_as_after_a_lost_ack_is_charged_once(
         c["id"] for c in ledger["charges"] if c["order_id"] == "ord_twice"
     )
     assert parking.count(BREAKER) == 0
+
+
+def test_charges_of_a_half_open_breaker_whose_probe_slots_are_taken_are_parked_by_the_gate(
+    start: Callable[..., Worker], sandbox: SandboxControl, ran: set[str],
+) -> None:
+    # The probe slots taken below stay taken for the whole test (their lease).
+    worker = start(breaker_timeout=0.5, breaker_success_threshold=1, breaker_probe_lease=60.0,
+                   payment_charge_deadline=120.0)
+    gate_open(worker)
+    parking = runtime(worker.app).parking
+    breaker = worker.breaker
+    wait_until(lambda: breaker.state.value == "half_open", RESULT_WAIT, "the breaker half open")
+    # Every probe slot taken, as by probes under way in other workers.
+    probes = [breaker.allow() for _ in range(breaker.config.half_open_max_calls)]
+    assert all(p.is_probe for p in probes)
+    rejected = breaker.snapshot()["rejected"]
+
+    # A releaser pass that saw HALF_OPEN: it sends the first charge as a probe (which the
+    # gate parks again, the slots being taken). Until then the gate had its OPEN view.
+    worker.logs.wait_for(RELEASED_HALF_OPEN)
+    tasks = [worker.charge(order_id=f"ord_half_{n}") for n in range(5)]
+    wait_until(lambda: all(t.state == "RETRY" for t in tasks), RESULT_WAIT, "5 charges deferred")
+
+    assert BREAKER in runtime(worker.app).refusing
+    assert not ran & {t.id for t in tasks}, "a charge of a half-open breaker ran in the pool"
+    assert parking.count(BREAKER) >= 5
+    wait_until(lambda: breaker.snapshot()["rejected"] >= rejected + 5, RESULT_WAIT,
+               "the refusals counted")
+
+    for probe in probes:
+        probe.success()  # the provider answered: CLOSED, and the parked charges go out
+    results = [task.get(timeout=RESULT_WAIT) for task in tasks]
+    assert {r["status"] for r in results} == {"succeeded"}
+    charged = sandbox.ledger()["charges_by_order"]
+    assert all(charged[f"ord_half_{n}"] == 1 for n in range(5))

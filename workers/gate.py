@@ -6,10 +6,14 @@ frame, the result sent back to the main process. Every charge of a flash-sale ba
 arrives while the provider is down paid that once, which made a deferral dearer than a
 charge. The gate decides as a charge arrives instead, in the consumer (ChargeTask.Strategy):
 
-- it looks only at charges of a breaker the releaser last saw OPEN (Runtime.refusing), so
-  while every breaker is closed a charge costs the gate one set lookup;
-- it asks that breaker, in this process, whether the charge may be tried: a refusal comes
-  from the breaker's own cache (no round trip) and counts as the pool's would;
+- it looks only at charges of a breaker the releaser last saw OPEN or HALF_OPEN
+  (Runtime.refusing), so while every breaker is closed a charge costs the gate one set
+  lookup;
+- it asks that breaker, in this process, whether the charge may be tried: in OPEN a refusal
+  comes from the breaker's own cache (no round trip), in HALF_OPEN from the probe slots (one
+  round trip, where the pool would have run the task to be refused), and counts as the
+  pool's would. A charge it lets through gives its permit back (a probe slot freed) and goes
+  on to the pool, which asks again;
 - refused, the charge is parked with the countdown the pool would give it
   (ChargeRun.park_if_refused), shown as a retry (RETRY state, task-received and task-retried
   events) and its message is acked. Otherwise the message goes on to Celery untouched.

@@ -191,8 +191,9 @@ class Releaser:
         self._parking = parking
         self._state_of = state_of
         self._publish = publish
-        # Told after every pass which breakers were OPEN (the worker's gate parks their
-        # charges before the pool), and told none when a pass fails.
+        # Told after every pass which breakers were not CLOSED (OPEN or HALF_OPEN: the
+        # worker's gate asks them about each charge before the pool), and told none when a
+        # pass fails.
         self._refusing = refusing
         self.interval = interval
         self._stop = threading.Event()
@@ -217,7 +218,7 @@ class Releaser:
         refusing = set()
         for name in parking.breakers():
             state, probes = self._state_of(name)
-            if state is CircuitState.OPEN:
+            if state is not CircuitState.CLOSED:
                 refusing.add(name)
             released = parking.release(name, state, probes, self._publish)
             if released.sent:
