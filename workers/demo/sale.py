@@ -83,9 +83,7 @@ class Sale:
         self.record = SaleRecord(options, started_at=time.time())
         self.watch = BreakerWatch(stack.settings, BREAKER, self.record.started_at)
         self._subscriber = redis.Redis.from_url(stack.redis.url)
-        self._channel = self._subscriber.pubsub(  # type: ignore[no-untyped-call]
-            ignore_subscribe_messages=True
-        )
+        self._channel = self._subscriber.pubsub(ignore_subscribe_messages=True)
         self._channel.subscribe(stack.settings.breaker_state_channel)
         self.phase = ""
         self.tally = Tally(total=options.charges, to_come=options.charges)
