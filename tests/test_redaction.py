@@ -18,6 +18,7 @@ import redis
 from celery import Celery, signals
 from celery.contrib.testing.worker import start_worker
 
+from tests.card_digits import card_digits
 from tests.redis_server import RedisServer
 from tests.waiting import LogLines, wait_until
 from workers import redaction
@@ -30,7 +31,7 @@ TOKEN = "tok_live_s3cr3tvalue"
 KEY = "idem_s3cr3tkey"
 API_KEY = "sk_live_apikey9000"
 CARD = "4242 4242 4242 4242"
-SECRETS = (TOKEN, KEY, API_KEY, "s3cr3t", "4242")
+SECRETS = (TOKEN, KEY, API_KEY, "s3cr3t")
 CHARGE_FIELDS: dict[str, Any] = {
     "order_id": "ord_1001",
     "amount": 1999,
@@ -56,7 +57,7 @@ def log() -> Iterator[tuple[logging.Logger, io.StringIO]]:
 
 
 def leaks(text: str) -> list[str]:
-    return [secret for secret in SECRETS if secret in text]
+    return [secret for secret in SECRETS if secret in text] + card_digits(text)
 
 
 @pytest.mark.parametrize(
@@ -355,3 +356,18 @@ def test_task_ids_are_never_taken_for_card_numbers() -> None:
     assert [i for i in ids if redact(f"Task payments.charge[{i}] received") != (
         f"Task payments.charge[{i}] received")] == []
     assert redact("card 4242-4242-4242-4242") == f"card {MASK}"
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("card 4242 4242 4242 4242", ["4242 4242 4242 4242"]),
+        ("card 4242-4242-4242-4242.", ["4242-4242-4242-4242"]),
+        ("card=4242424242424242", ["4242424242424242"]),
+        ("last four 4242", ["4242"]),
+        ("Task payments.charge[3e842426-47e4-4242-b911-fd388058e5ba] received", []),
+        ("Connected to redis://127.0.0.1:42425/0; took 0.0042421s; ch_ab4242cd", []),
+    ],
+)
+def test_the_card_check_tells_a_card_from_a_random_token(text: str, found: list[str]) -> None:
+    assert card_digits(text) == found
