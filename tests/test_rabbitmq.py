@@ -6,6 +6,7 @@ Runs against the RabbitMQ on 127.0.0.1:5672 when one answers, in a vhost of the 
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,5 +100,57 @@ def test_countdown_charges_wait_in_rabbitmq_quorum_queues_not_in_the_worker(
     assert held, "no worker answered inspect scheduled"
     assert all(not scheduled for scheduled in held.values()), held
     assert waiting >= 1
+    assert [r["status"] for r in results] == ["succeeded"] * len(orders)
+    assert sandbox.ledger()["charges_by_order"] == dict.fromkeys(orders, 1)
+
+
+def test_a_sub_second_retry_is_published_on_quorum_queues_in_whole_seconds(
+    tmp_path: Path,
+    rabbitmq_vhost: str,
+    redis_url: str,
+    sandbox_server: SandboxServer,
+    sandbox: SandboxControl,
+) -> None:
+    # Celery's native delayed delivery sends int(countdown) seconds and refuses 0: the default
+    # backoff's first retry (0.5 to 1 s) could not be published, blocking the pool process
+    # through the publish retries, and went back to the queue to run again at once.
+    (tmp_path / "shop_rabbit.py").write_text('task_default_queue_type = "quorum"\n')
+    env = {
+        "CELERY_CONFIG_MODULE": "shop_rabbit",
+        "PYTHONPATH": str(tmp_path),
+        "CELERY_BROKER_URL": rabbitmq_vhost,
+        "CELERY_RESULT_BACKEND": redis_url,
+        "BREAKER_REDIS_URL": redis_url,
+        "PAYMENT_PROVIDER_URL": sandbox_server.url,
+        "PAYMENT_PROVIDER_TIMEOUT": "1",
+        "BREAKER_FAILURE_THRESHOLD": "100000",
+        "PAYMENT_RETRY_BACKOFF": "0.8",  # retries after 0.4 to 0.8 s, then 0.8 to 1.6 s
+        "PAYMENT_MAX_ATTEMPTS": "5",
+        "PAYMENT_CHARGE_DEADLINE": "120",
+    }
+    web: Celery = web_client(rabbitmq_vhost, redis_url)
+    web.conf.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
+    orders = [f"ord_{uuid.uuid4().hex[:8]}_{i}" for i in range(4)]
+    sandbox.set_faults("down", status=503)
+    args = ["--pool", "prefork", "--concurrency", "2"]
+    try:
+        with WorkerProcess(env, tmp_path / "worker.log", args) as worker:
+            tasks = [web.send_task("payments.charge", kwargs=charge_kwargs(o)) for o in orders]
+            wait_until(
+                lambda: len(re.findall(r"Charge \S+ attempt 2/5 failed", worker.log()))
+                >= len(orders), 60,
+                "every charge to fail twice",
+            )
+            sandbox.set_faults("ok")
+            results = [t.get(timeout=60, interval=0.2) for t in tasks]
+            log = worker.log()
+    finally:
+        web.close()
+
+    assert "could not be published" not in log
+    waits = re.findall(r"Charge \S+ attempt \d/5 failed: HTTP 503; retrying in ([\d.]+)s", log)
+    assert len(waits) >= 2 * len(orders)
+    # Whole seconds, rounded up: never due before the backoff the charge chose.
+    assert {float(w) for w in waits} <= {1.0, 2.0}, waits
     assert [r["status"] for r in results] == ["succeeded"] * len(orders)
     assert sandbox.ledger()["charges_by_order"] == dict.fromkeys(orders, 1)

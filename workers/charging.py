@@ -40,6 +40,9 @@ class Rescheduler(Protocol):
     def reschedule(self, countdown: float, headers: dict[str, Any], reason: str) -> NoReturn:
         """Send the charge again after countdown seconds; never returns."""
 
+    def delivery_countdown(self, countdown: float) -> float:
+        """Return countdown as the broker will wait it (reschedule's countdown)."""
+
     def park(
         self, breaker: str, deadline: float, headers: dict[str, Any], reason: str,
         countdown: float,
@@ -543,7 +546,7 @@ class ChargeRun:
         self._reschedule(countdown, why, deferral=True)
 
     def _reschedule(self, countdown: float, why: str, *, deferral: bool = False) -> NoReturn:
-        countdown = self._countdown(countdown, why, deferral=deferral)
+        countdown = self.task.delivery_countdown(self._countdown(countdown, why, deferral=deferral))
         log.info(
             "Charge %s %s in %.3fs (attempts %d, deferrals %d)",
             self.charge.order_id, f"deferred ({why})" if deferral else why, countdown,

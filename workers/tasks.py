@@ -5,14 +5,16 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from celery import Task, shared_task
+from celery import Celery, Task, shared_task
 from celery.app.task import Context
 from celery.canvas import Signature
 from celery.exceptions import Ignore, Reject, Retry
+from celery.utils.quorum_queues import detect_quorum_queues
 from celery.worker.request import Request
 
 from workers.charging import ChargeRun, Progress
@@ -81,6 +83,10 @@ class ChargeTask(Task):  # type: ignore[misc]
             raise Reject(error, requeue=True)
         raise Retry(exc=ChargeRescheduled(reason), when=countdown, sig=signature) from None
 
+    def delivery_countdown(self, countdown: float) -> float:
+        """Return countdown as the broker will wait it (broker_countdown)."""
+        return broker_countdown(self.app, countdown)
+
     def park(
         self, breaker: str, deadline: float, headers: dict[str, Any], reason: str,
         countdown: float,
@@ -105,6 +111,24 @@ class ChargeTask(Task):  # type: ignore[misc]
 
 class Parked(Exception):
     """The charge is parked (ChargeTask.park): its message is done, Celery must ignore it."""
+
+
+def broker_countdown(app: Celery, countdown: float) -> float:
+    """Return countdown as the broker can wait it: on native delayed delivery, whole seconds.
+
+    With quorum queues on RabbitMQ, Celery (5.5 to 5.7 at least) sends a countdown message
+    through its delayed-delivery exchanges for int(countdown) seconds: a countdown under 1 s
+    raises ValueError ("countdown must be a positive number", kombu's calculate_routing_key),
+    so no first retry of the default backoff (0.5 to 1 s) could be published, and 5.9 s
+    waited 5. Rounded up there, it is published, and never due early. Elsewhere (a Redis
+    broker, classic queues) it is kept as it is.
+    """
+    if countdown <= 0 or countdown == int(countdown):
+        return countdown
+    transport = app.producer_pool.connections.connection.transport
+    if detect_quorum_queues(app, transport.driver_type)[0]:
+        return float(math.ceil(countdown))
+    return countdown
 
 
 def next_message(
