@@ -14,7 +14,7 @@ from celery.contrib.testing.worker import start_worker
 
 from breaker import CircuitState
 from tests.waiting import wait_until
-from workers.parking import INDEX_KEY, Parking, Releaser
+from workers.parking import FORGET_CHUNK, INDEX_KEY, RELEASE_BATCH, Parking, Releaser
 from workers.runtime import forget
 
 BREAKER = "payments.card"
@@ -85,6 +85,51 @@ def test_a_charge_is_forgotten_only_once_it_was_sent(parking: Parking) -> None:
     assert parking.count(BREAKER) == 2
     # The lock was freed: the next pass (this releaser or another) sends both.
     assert release(parking, CircuitState.CLOSED) == [1, 2]
+
+
+def test_a_broker_failing_mid_batch_leaves_exactly_the_unsent_charges_parked(
+    parking: Parking,
+) -> None:
+    # Sent charges are forgotten FORGET_CHUNK at a time; those sent before the failure, in
+    # whole chunks and in the chunk under way, are forgotten all the same.
+    count = FORGET_CHUNK * 2 + 10
+    for n in range(count):
+        park(parking, n, due=NOW - count + n)
+    sent: list[int] = []
+    fail_at = FORGET_CHUNK + 7
+
+    def publish(m: dict[str, Any]) -> None:
+        if len(sent) == fail_at:
+            raise ConnectionError("broker away")
+        sent.append(int(m["options"]["task_id"][1:]))
+
+    with pytest.raises(ConnectionError):
+        parking.release(BREAKER, CircuitState.CLOSED, 2, publish, now=NOW)
+
+    assert sent == list(range(fail_at))
+    assert parking.count(BREAKER) == count - fail_at
+    assert release(parking, CircuitState.CLOSED) == list(range(fail_at, count))
+
+
+def test_a_closed_breakers_backlog_beyond_one_batch_goes_out_without_waiting_the_interval(
+    parking: Parking,
+) -> None:
+    count = RELEASE_BATCH * 2 + 3
+    for n in range(count):
+        park(parking, n, due=time.time() - count + n, deadline=time.time() + 900)
+    sent: list[dict[str, Any]] = []
+    # The first pass runs at once; an hour's interval is never waited out here, so only
+    # passes run back to back send the batches after the first.
+    releaser = Releaser(lambda: parking, lambda name: (CircuitState.CLOSED, 2), sent.append,
+                        interval=3600)
+    releaser.start()
+    try:
+        wait_until(lambda: len(sent) == count, 30, "the whole backlog released")
+    finally:
+        releaser.stop()
+
+    assert [m["options"]["task_id"] for m in sent] == [f"t{n}" for n in range(count)]
+    assert parking.count(BREAKER) == 0
 
 
 def test_one_releaser_at_a_time_per_breaker(redis_client: redis.Redis) -> None:

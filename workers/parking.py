@@ -40,8 +40,8 @@ log = logging.getLogger("workers.parking")
 INDEX_KEY = "payments:parked:index"
 # How long one releaser may work on a breaker's charges before another may take over.
 LOCK_SECONDS = 10.0
-# Charges sent per breaker and pass while it is closed: a backlog drains over a few passes
-# instead of one burst that would hold the lock past its lease.
+# Charges sent per breaker and pass while it is closed: a backlog drains over passes run back
+# to back, each well within the lock's lease, instead of one burst that would outlast it.
 RELEASE_BATCH = 500
 
 # KEYS[1] due set, KEYS[2] deadlines set, KEYS[3] the index (where all keys may go in one
@@ -83,10 +83,13 @@ return taken
 
 # KEYS[1] due set, KEYS[2] deadlines set; ARGV[1] member. Forgets a charge that was sent.
 FORGET = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[1], unpack(ARGV))
+redis.call('ZREM', KEYS[2], unpack(ARGV))
 return 1
 """
+# Members published before they are removed in one round trip: a releaser that dies sends
+# at most this many of them again.
+FORGET_CHUNK = 50
 
 # KEYS[1] lock; ARGV[1] releaser id. Frees the lock if the caller still holds it.
 UNLOCK = """
@@ -159,15 +162,24 @@ class Parking:
                   "1" if state is CircuitState.CLOSED else "0"],
         )
         sent = 0
+        published: list[Any] = []
         try:
             for member in members:
                 publish(json.loads(member))
-                # Only once sent: a releaser that dies before this line sends it again.
-                self._forget(keys=[due, deadlines], args=[member])
                 sent += 1
+                # Only once sent: a releaser that dies before they are forgotten sends them
+                # again (the order book makes a second copy harmless).
+                published.append(member)
+                if len(published) >= FORGET_CHUNK:
+                    self._forget(keys=[due, deadlines], args=published)
+                    published = []
         finally:
-            if members:
-                self._unlock(keys=[lock], args=[self._releaser])
+            try:
+                if published:
+                    self._forget(keys=[due, deadlines], args=published)
+            finally:
+                if members:
+                    self._unlock(keys=[lock], args=[self._releaser])
         left = self.count(breaker)
         if not left:
             self._client.srem(INDEX_KEY, breaker)
@@ -232,9 +244,11 @@ class Releaser:
         return done
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        wait = 0.0  # the first pass at once: what was due while no worker ran goes now
+        while not self._stop.wait(wait):
+            wait = self.interval
             try:
-                self.run_once()
+                done = self.run_once()
             except Exception as exc:  # Redis or the broker away: the charges wait, not lost
                 if self._refusing is not None:
                     self._refusing(frozenset())
@@ -248,6 +262,8 @@ class Releaser:
                 if self._failing:
                     log.warning("Parked charges are released again")
                 self._failing = False
+                if any(r.sent >= RELEASE_BATCH and r.left for r in done):
+                    wait = 0.0  # a closed breaker's backlog: the next batch at once
 
 
 def _text(value: Any) -> str:
