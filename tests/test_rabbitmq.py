@@ -18,6 +18,8 @@ from kombu import Connection
 from tests import rabbitmq
 from tests.waiting import wait_until
 from tests.worker_process import WorkerProcess, charge_kwargs, web_client
+from workers.celery import create_app
+from workers.consumer import Consumer
 from workers.sandbox import SandboxControl, SandboxServer
 
 pytestmark = pytest.mark.slow
@@ -154,3 +156,18 @@ def test_a_sub_second_retry_is_published_on_quorum_queues_in_whole_seconds(
     assert {float(w) for w in waits} <= {1.0, 2.0}, waits
     assert [r["status"] for r in results] == ["succeeded"] * len(orders)
     assert sandbox.ledger()["charges_by_order"] == dict.fromkeys(orders, 1)
+
+
+def test_the_workers_task_events_are_published_without_confirms(rabbitmq_vhost: str) -> None:
+    # The worker confirms its publishes on quorum queues; events waited a broker round trip
+    # each for a confirm no one reads.
+    app = create_app("events-test", broker_url=rabbitmq_vhost, task_default_queue_type="quorum")
+    consumer = object.__new__(Consumer)  # only the app and the connection settings are used
+    consumer.app = app
+    consumer.first_connection_attempt = True
+    consumer.broker_connection_retry_attempt = 0
+    with app.connection_for_write() as tasks, consumer.connection_for_write() as events:
+        tasks.connect()
+        assert tasks.connection.confirm_publish is True  # what charges are published with
+        assert events.connection.confirm_publish is False
+        assert events.transport_options["confirm_publish"] is False

@@ -12,6 +12,7 @@ down. Flower sees an event at most that much later.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 
@@ -36,6 +37,18 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
     def _send_events_due(self) -> None:
         self._events_due = False
         self._flush_events()
+
+    def connection_for_write(self, url: Any = None, heartbeat: Any = None) -> Any:
+        """Return the task events' connection: without publisher confirms.
+
+        Celery's consumer opens this connection for its event dispatcher only. On RabbitMQ
+        the worker confirms what it publishes (confirm_publish), which made every event
+        publish wait a broker round trip; an event is for display and Celery sends it
+        without a retry anyway.
+        """
+        return self.ensure_connected(self.app.connection_for_write(
+            url=url, heartbeat=heartbeat, transport_options={"confirm_publish": False},
+        ))
 
     def shutdown(self) -> None:
         """Send the events still buffered, then shut down as Celery does."""
