@@ -81,7 +81,7 @@ end
 return taken
 """
 
-# KEYS[1] due set, KEYS[2] deadlines set; ARGV[1] member. Forgets a charge that was sent.
+# KEYS[1] due set, KEYS[2] deadlines set; ARGV the members. Forgets charges that were sent.
 FORGET = """
 redis.call('ZREM', KEYS[1], unpack(ARGV))
 redis.call('ZREM', KEYS[2], unpack(ARGV))
