@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from tests.embedded import (
 )
 from tests.redis_server import free_port
 from tests.waiting import wait_until
+from workers import charging
 from workers.charging import Progress
 from workers.errors import ChargeExpired, ChargeFailed, ChargeRejected
 from workers.runtime import runtime
@@ -349,3 +351,22 @@ def test_an_order_that_already_succeeded_is_never_charged_again(
     assert again == first
     assert sandbox.ledger()["charges_by_order"] == {ORDER: 1}
     assert ledger_total(sandbox) == 1
+
+
+def _jitter(queue: Any) -> None:
+    queue.put(charging._RNG.random())
+
+
+def test_pool_processes_forked_from_one_worker_draw_different_jitter() -> None:
+    # One generator per process for every charge's jitter: forked pool processes must not
+    # share its state, or their retries and deferrals would come back in step.
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    children = [context.Process(target=_jitter, args=(queue,)) for _ in range(2)]
+    for child in children:
+        child.start()
+    draws = [queue.get(timeout=20) for _ in children]
+    for child in children:
+        child.join(timeout=20)
+
+    assert len({*draws, charging._RNG.random()}) == 3

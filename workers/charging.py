@@ -10,6 +10,7 @@ run can end is one of: a result, a reschedule (deferral or retry, through the ta
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, replace
@@ -32,6 +33,11 @@ from workers.runtime import Runtime
 from workers.validation import ChargeRequest
 
 log = logging.getLogger("workers.charges")
+
+# The jitter's generator: one per process, seeded again in a forked pool process (as the
+# random module's own is), instead of one seeded from os.urandom for every run.
+_RNG = random.Random()
+os.register_at_fork(after_in_child=_RNG.seed)
 
 
 class Rescheduler(Protocol):
@@ -118,7 +124,7 @@ class ChargeRun:
         self.progress = progress
         self.redelivered = redelivered
         self.breaker = rt.registry.get(charge.breaker_name)
-        self.rng = rng or random.Random()
+        self.rng = rng or _RNG
         self.fence = 0
         self.journaled_receipt = False
         # The key whose attempt _begin journaled with the lock, until _call uses it.
