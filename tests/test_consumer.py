@@ -9,19 +9,25 @@ with kombu's own Hub and Celery's own EventDispatcher, and read what reaches the
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery
+from celery.events import get_exchange
 from celery.events.dispatcher import EventDispatcher
 from kombu import Connection, Queue
 from kombu.asynchronous import Hub
 
 from tests.redis_server import RedisServer
+from tests.waiting import wait_until
+from tests.worker_process import WorkerProcess, charge_kwargs, web_client
 from workers import consumer as consumer_module
 from workers.celery import create_app
 from workers.consumer import Consumer
+from workers.sandbox import SandboxControl, SandboxServer
 
 
 @pytest.fixture
@@ -109,3 +115,56 @@ def test_events_of_one_window_go_out_together_once_it_ends(
 
     dispatcher.send("task-received", uuid="t2")  # the next window starts with the next event
     assert len(hub.timer) == 1
+
+
+def _task_events(bodies: list[Any]) -> list[dict[str, Any]]:
+    """Return the task events in event messages: one event each, or a task.multi list."""
+    events: list[dict[str, Any]] = []
+    for body in bodies:
+        events.extend(body if isinstance(body, list) else [body])
+    return [e for e in events if str(e.get("type", "")).startswith("task-")]
+
+
+def test_events_still_buffered_when_the_worker_shuts_down_are_sent(
+    tmp_path: Path, redis_url: str, sandbox_server: SandboxServer, sandbox: SandboxControl
+) -> None:
+    # A window longer than the test: the charge's events can only go out at shutdown.
+    (tmp_path / "long_window.py").write_text(
+        "import workers.consumer\n\nworkers.consumer.EVENT_FLUSH_SECONDS = 3600\n"
+    )
+    env = {
+        "CELERY_CONFIG_MODULE": "long_window",
+        "PYTHONPATH": str(tmp_path),
+        "CELERY_BROKER_URL": redis_url,
+        "CELERY_RESULT_BACKEND": redis_url,
+        "BREAKER_REDIS_URL": redis_url,
+        "PAYMENT_PROVIDER_URL": sandbox_server.url,
+    }
+    web = web_client(redis_url, redis_url)
+    bodies: list[Any] = []
+    try:
+        with Connection(redis_url) as reader:
+            queue = Queue(f"shutdown-events-{uuid.uuid4().hex[:8]}", get_exchange(reader),
+                          routing_key="task.#", auto_delete=True)
+            with reader.Consumer(queue, callbacks=[lambda body, _: bodies.append(body)],
+                                 accept=["json"], no_ack=True):
+                messages = Messages(reader, bodies)
+                messages.take()  # kombu subscribes on the first drain
+                args = ["--pool", "prefork", "--concurrency", "1"]
+                with WorkerProcess(env, tmp_path / "worker.log", args):
+                    task = web.send_task("payments.charge", kwargs=charge_kwargs("ord_bye"))
+                    assert task.get(timeout=30)["status"] == "succeeded"
+                    before_shutdown = _task_events(messages.take())
+                # Stopped (warm shutdown): what it still held was sent on the way out.
+                seen: list[dict[str, Any]] = []
+                wait_until(
+                    lambda: seen.extend(_task_events(messages.take())) or any(
+                        e["type"] == "task-succeeded" and e["uuid"] == task.id for e in seen),
+                    10, "the charge's task-succeeded event after the worker stopped",
+                )
+    finally:
+        web.close()
+
+    assert [e for e in before_shutdown if e.get("uuid") == task.id] == []
+    assert {e["type"] for e in seen if e.get("uuid") == task.id} >= {
+        "task-received", "task-started", "task-succeeded"}
