@@ -49,6 +49,36 @@ def delayed(url: str) -> int:
         )
 
 
+def quorum_worker_env(
+    tmp_path: Path, broker_url: str, redis_url: str, provider_url: str, **settings: str
+) -> dict[str, str]:
+    """Return a worker's environment on RabbitMQ quorum queues, with a config module saying so.
+
+    The breaker never opens (the provider's failures are retried, not refused); settings add
+    to or replace the defaults here.
+    """
+    (tmp_path / "shop_rabbit.py").write_text('task_default_queue_type = "quorum"\n')
+    return {
+        "CELERY_CONFIG_MODULE": "shop_rabbit",
+        "PYTHONPATH": str(tmp_path),
+        "CELERY_BROKER_URL": broker_url,
+        "CELERY_RESULT_BACKEND": redis_url,
+        "BREAKER_REDIS_URL": redis_url,
+        "PAYMENT_PROVIDER_URL": provider_url,
+        "PAYMENT_PROVIDER_TIMEOUT": "1",
+        "BREAKER_FAILURE_THRESHOLD": "100000",
+        "PAYMENT_CHARGE_DEADLINE": "120",
+        **settings,
+    }
+
+
+def quorum_web_client(broker_url: str, redis_url: str) -> Celery:
+    """Return the web tier's app, declaring the queue as the workers do: quorum, topic."""
+    web: Celery = web_client(broker_url, redis_url)
+    web.conf.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
+    return web
+
+
 def test_countdown_charges_wait_in_rabbitmq_quorum_queues_not_in_the_worker(
     tmp_path: Path,
     rabbitmq_vhost: str,
@@ -56,25 +86,12 @@ def test_countdown_charges_wait_in_rabbitmq_quorum_queues_not_in_the_worker(
     sandbox_server: SandboxServer,
     sandbox: SandboxControl,
 ) -> None:
-    (tmp_path / "shop_rabbit.py").write_text('task_default_queue_type = "quorum"\n')
-    env = {
-        "CELERY_CONFIG_MODULE": "shop_rabbit",
-        "PYTHONPATH": str(tmp_path),
-        "CELERY_BROKER_URL": rabbitmq_vhost,
-        "CELERY_RESULT_BACKEND": redis_url,
-        "BREAKER_REDIS_URL": redis_url,
-        "PAYMENT_PROVIDER_URL": sandbox_server.url,
-        "PAYMENT_PROVIDER_TIMEOUT": "1",
-        # The provider fails and the breaker stays closed: every charge retries after 5 to 10 s.
-        "BREAKER_FAILURE_THRESHOLD": "100000",
-        "PAYMENT_RETRY_BACKOFF": "10",
-        "PAYMENT_RETRY_BACKOFF_MAX": "10",
-        "PAYMENT_MAX_ATTEMPTS": "10",
-        "PAYMENT_CHARGE_DEADLINE": "120",
-    }
-    web: Celery = web_client(rabbitmq_vhost, redis_url)
-    # The web tier declares the queue as the workers do: quorum, on a topic exchange.
-    web.conf.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
+    # The provider fails and the breaker stays closed: every charge retries after 5 to 10 s.
+    env = quorum_worker_env(
+        tmp_path, rabbitmq_vhost, redis_url, sandbox_server.url,
+        PAYMENT_RETRY_BACKOFF="10", PAYMENT_RETRY_BACKOFF_MAX="10", PAYMENT_MAX_ATTEMPTS="10",
+    )
+    web = quorum_web_client(rabbitmq_vhost, redis_url)
     orders = [f"ord_{uuid.uuid4().hex[:8]}_{i}" for i in range(200)]
     sandbox.set_faults("down", status=503)
     args = ["--pool", "prefork", "--concurrency", "2"]
@@ -116,22 +133,12 @@ def test_a_sub_second_retry_is_published_on_quorum_queues_in_whole_seconds(
     # Celery's native delayed delivery sends int(countdown) seconds and refuses 0: the default
     # backoff's first retry (0.5 to 1 s) could not be published, blocking the pool process
     # through the publish retries, and went back to the queue to run again at once.
-    (tmp_path / "shop_rabbit.py").write_text('task_default_queue_type = "quorum"\n')
-    env = {
-        "CELERY_CONFIG_MODULE": "shop_rabbit",
-        "PYTHONPATH": str(tmp_path),
-        "CELERY_BROKER_URL": rabbitmq_vhost,
-        "CELERY_RESULT_BACKEND": redis_url,
-        "BREAKER_REDIS_URL": redis_url,
-        "PAYMENT_PROVIDER_URL": sandbox_server.url,
-        "PAYMENT_PROVIDER_TIMEOUT": "1",
-        "BREAKER_FAILURE_THRESHOLD": "100000",
-        "PAYMENT_RETRY_BACKOFF": "0.8",  # retries after 0.4 to 0.8 s, then 0.8 to 1.6 s
-        "PAYMENT_MAX_ATTEMPTS": "5",
-        "PAYMENT_CHARGE_DEADLINE": "120",
-    }
-    web: Celery = web_client(rabbitmq_vhost, redis_url)
-    web.conf.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
+    # Retries after 0.4 to 0.8 s, then 0.8 to 1.6 s.
+    env = quorum_worker_env(
+        tmp_path, rabbitmq_vhost, redis_url, sandbox_server.url,
+        PAYMENT_RETRY_BACKOFF="0.8", PAYMENT_MAX_ATTEMPTS="5",
+    )
+    web = quorum_web_client(rabbitmq_vhost, redis_url)
     orders = [f"ord_{uuid.uuid4().hex[:8]}_{i}" for i in range(4)]
     sandbox.set_faults("down", status=503)
     args = ["--pool", "prefork", "--concurrency", "2"]
